@@ -1,0 +1,1174 @@
+"""Service configuration: options, environment, ``tap.conf`` and built-in defaults.
+
+One table, :data:`OPTIONS`, is the single source of truth. It drives
+
+* the ``twistd teltonika-ingest`` command line (:class:`Options`),
+* the environment variable and INI key of every option,
+* the shipped ``tap.conf`` (:func:`render_tap_conf`) and the reference table in
+  OPERATIONS.md (:func:`render_reference`), both checked against it by the tests.
+
+Precedence (contract.md section 1): command line > environment > ``--config`` INI file
+(default ``./tap.conf`` when that file exists) > built-in default. The usage options are all
+declared with default ``None`` so that "given on the command line" can be told from "not
+given"; :meth:`Options.postOptions` resolves every layer and builds :class:`Config`.
+
+Every invalid value fails with one ``usage.UsageError`` whose message is a single line naming the
+option, the bad value and where it came from, e.g.::
+
+    --handshake-timeout: expected a positive number of seconds, got 'abc'
+    (from environment TELTONIKA_HANDSHAKE_TIMEOUT)
+
+(on one line). Redis passwords are never echoed.
+
+Run ``python -m teltonika_ingest.config tap.conf`` to regenerate ``tap.conf`` and
+``python -m teltonika_ingest.config reference`` to print the OPERATIONS.md table.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import contextlib
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import attrs
+from twisted.python import usage
+
+__all__ = [
+    "CONFIG_SECTION",
+    "DEFAULT_CONFIG_FILE",
+    "FRAME_OVERHEAD",
+    "OPTIONS",
+    "OPTIONS_BY_NAME",
+    "Config",
+    "OptionSpec",
+    "Options",
+    "RedisTarget",
+    "check_server_endpoint",
+    "render_reference",
+    "render_tap_conf",
+]
+
+CONFIG_SECTION: Final = "teltonika-ingest"
+DEFAULT_CONFIG_FILE: Final = "tap.conf"
+
+# Preamble (4) + data field length (4) + CRC (4) around the data field of a TCP frame.
+FRAME_OVERHEAD: Final = 12
+
+SERVER_ENDPOINT_TYPES: Final = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
+REDIS_DEFAULT_PORT: Final = 6379
+LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("debug", "info", "warn", "error", "critical")
+
+_TRUE: Final = frozenset({"true", "yes", "1", "on"})
+_FALSE: Final = frozenset({"false", "no", "0", "off"})
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@attrs.frozen
+class OptionSpec:
+    """One service option.
+
+    ``default`` is the text form, exactly as it appears (commented out) in ``tap.conf``;
+    ``""`` means off / none / derived (see ``help``). ``kind`` selects the parser and validator
+    (one of the keys of ``_PARSERS``). ``why`` justifies the default of a limit (OPERATIONS.md).
+    ``in_file`` is false only for ``config`` itself, which cannot name another file.
+    """
+
+    name: str
+    env: str
+    default: str
+    kind: str
+    help: str
+    why: str = ""
+    in_file: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def attr(self) -> str:
+        """The :class:`Config` field this option fills."""
+        return _ATTR_OVERRIDES.get(self.name, self.name.replace("-", "_"))
+
+    @property
+    def key(self) -> str:
+        """The key in the ``[teltonika-ingest]`` section of the INI file."""
+        return self.name
+
+
+_ATTR_OVERRIDES: Final = {"redis-url": "redis", "config": "config_file"}
+
+
+OPTIONS: Final[tuple[OptionSpec, ...]] = (
+    OptionSpec(
+        "listen",
+        "TELTONIKA_LISTEN",
+        "tcp:5027",
+        "endpoint",
+        "Twisted server endpoint string for devices (tcp:, tcp6:, ssl:, unix:, haproxy:, systemd:)",
+        why="5027 is the port commonly used for Teltonika devices (Traccar's Teltonika port), "
+        "so existing device profiles carry over; all interfaces, because devices connect "
+        "from the mobile network.",
+    ),
+    OptionSpec(
+        "udp-port",
+        "TELTONIKA_UDP_PORT",
+        "0",
+        "udp-port",
+        "UDP port for devices that send over UDP; 0 or empty = no UDP listener",
+    ),
+    OptionSpec(
+        "udp-interface",
+        "TELTONIKA_UDP_INTERFACE",
+        "",
+        "ip-or-empty",
+        "IP address the UDP port binds to; empty = all interfaces",
+    ),
+    OptionSpec(
+        "metrics",
+        "TELTONIKA_METRICS",
+        "tcp:9090:interface=127.0.0.1",
+        "endpoint",
+        "Twisted server endpoint string for the HTTP operations listener "
+        "(/metrics, /healthz, /readyz)",
+        why="loopback only: the listener has no authentication; expose it deliberately "
+        "(e.g. tcp:9090:interface=0.0.0.0 behind a firewall) for a scraper on another host.",
+    ),
+    OptionSpec(
+        "redis-url",
+        "REDIS_URL",
+        "",
+        "redis-url",
+        "redis://[:password@]host[:port][/db] or unix:///path/to/socket[?db=N&password=P]; "
+        "empty = start an embedded redis-server (development only)",
+    ),
+    OptionSpec(
+        "stream",
+        "REDIS_TELEMETRY_STREAM",
+        "telemetry:teltonika",
+        "key",
+        "Redis stream key for telemetry (dead letters go to this key + ':dlq')",
+    ),
+    OptionSpec(
+        "stream-maxlen",
+        "TELTONIKA_STREAM_MAXLEN",
+        "1000000",
+        "count",
+        "approximate stream length cap (XADD MAXLEN ~ N); 0 = never trim",
+        why="about a day at 10 records/s, roughly 0.5 GB of Redis memory at ~500 bytes an "
+        "entry; the stream is a buffer for the stream processor, not an archive.",
+    ),
+    OptionSpec(
+        "instance-id",
+        "TELTONIKA_INSTANCE_ID",
+        "",
+        "instance-id",
+        "this process's identity in the connection registry; empty = the host name",
+    ),
+    OptionSpec(
+        "config",
+        "TELTONIKA_CONFIG",
+        "./" + DEFAULT_CONFIG_FILE,
+        "config",
+        "INI file to read; an explicitly named file must exist; empty = read no file",
+        in_file=False,
+    ),
+    OptionSpec(
+        "data-dir",
+        "TELTONIKA_DATA_DIR",
+        "./var",
+        "path",
+        "data directory of the embedded Redis (unused when a Redis URL is set)",
+    ),
+    OptionSpec(
+        "handshake-timeout",
+        "TELTONIKA_HANDSHAKE_TIMEOUT",
+        "30",
+        "seconds",
+        "seconds a new connection has to send its IMEI before it is closed",
+        why="a device sends its IMEI as soon as the socket opens; 30 s covers a slow 2G "
+        "link while reclaiming sockets of scanners and half-open connects quickly.",
+    ),
+    OptionSpec(
+        "idle-timeout",
+        "TELTONIKA_IDLE_TIMEOUT",
+        "600",
+        "seconds",
+        "close a device connection that sent nothing for this many seconds",
+        why="sockets left half-open by carrier NAT are reclaimed within minutes; a device that "
+        "was cut reconnects when it has data. Fleets that must stay reachable for commands "
+        "while parked (long device open-link timeout, rare records) need a value above the "
+        "device's send period.",
+    ),
+    OptionSpec(
+        "max-frame-size",
+        "TELTONIKA_MAX_FRAME_SIZE",
+        "65536",
+        "bytes",
+        "largest data-field length accepted in a frame, in bytes; larger frames close the "
+        "connection",
+        why="Teltonika documents 1280 bytes as the largest AVL packet of current devices; "
+        "64 KiB leaves room for Codec 8E variable-length IO while a garbage length field "
+        "cannot make the service buffer gigabytes.",
+    ),
+    OptionSpec(
+        "max-buffer",
+        "TELTONIKA_MAX_BUFFER",
+        "262144",
+        "bytes",
+        "most unconsumed bytes buffered per connection; must be at least max-frame-size + 12",
+        why="four maximum frames; bounds memory per connection (10 000 devices x 256 KiB is "
+        "the worst case, real buffers hold one partial frame).",
+    ),
+    OptionSpec(
+        "max-connections",
+        "TELTONIKA_MAX_CONNECTIONS",
+        "0",
+        "count",
+        "most simultaneous device connections; extra ones are closed at once; 0 = unlimited",
+        why="unlimited: the file descriptor limit (LimitNOFILE) is the real bound; set this "
+        "below it so overload is refused cleanly instead of failing in accept().",
+    ),
+    OptionSpec(
+        "publish-timeout",
+        "TELTONIKA_PUBLISH_TIMEOUT",
+        "5",
+        "seconds",
+        "a Redis publish unanswered for this many seconds has failed (the packet is not ACKed)",
+        why="a healthy XADD answers in milliseconds; the Redis client holds commands while "
+        "it reconnects, so without a bound a device would wait minutes. Not ACKing makes "
+        "the device resend, which is safe.",
+    ),
+    OptionSpec(
+        "max-inflight",
+        "TELTONIKA_MAX_INFLIGHT",
+        "1024",
+        "positive-int",
+        "publishes in flight at once across the process; a packet beyond that is not ACKed "
+        "(teltonika_publish_overflow_total)",
+        why="enough to keep Redis pipelined under thousands of devices; when Redis stalls, "
+        "memory stays bounded and devices keep their data and resend.",
+    ),
+    OptionSpec(
+        "udp-dedup-window",
+        "TELTONIKA_UDP_DEDUP_WINDOW",
+        "60",
+        "seconds-or-zero",
+        "seconds a resent UDP datagram (same IMEI and AVL packet id) is re-ACKed instead of "
+        "republished; 0 = no deduplication",
+        why="a device resends an unacknowledged datagram after its ACK wait (seconds to tens "
+        "of seconds); 60 s covers a few retries while the memory per device stays tiny.",
+    ),
+    OptionSpec(
+        "command-timeout",
+        "TELTONIKA_COMMAND_TIMEOUT",
+        "30",
+        "seconds",
+        "default seconds to wait for a device's answer to a GPRS command (timeout_s overrides)",
+        why="devices answer in a few seconds, but a command waits until the device is idle "
+        "and its link may be slow.",
+    ),
+    OptionSpec(
+        "max-command-length",
+        "TELTONIKA_MAX_COMMAND_LENGTH",
+        "512",
+        "bytes",
+        "longest command payload in bytes (text, or hex decoded); longer entries are invalid",
+        why="Teltonika limits an SMS/GPRS text command to 160 characters on current devices; "
+        "512 leaves room for binary serial-link payloads and older firmware while a runaway "
+        "entry cannot flood a device.",
+    ),
+    OptionSpec(
+        "janitor-interval",
+        "TELTONIKA_JANITOR_INTERVAL",
+        "60",
+        "seconds",
+        "seconds between registry janitor passes (fields of instances without heartbeat)",
+        why="the heartbeat key lives 90 s, so a dead instance's registry fields are gone at "
+        "most about 150 s after it died, at the cost of one registry scan a minute.",
+    ),
+    OptionSpec(
+        "drain-timeout",
+        "TELTONIKA_DRAIN_TIMEOUT",
+        "10",
+        "seconds",
+        "seconds graceful shutdown waits for in-flight publishes to finish and be ACKed",
+        why="twice the publish timeout: every in-flight publish has either finished or failed "
+        "by then.",
+    ),
+    OptionSpec(
+        "shutdown-timeout",
+        "TELTONIKA_SHUTDOWN_TIMEOUT",
+        "30",
+        "seconds",
+        "whole graceful shutdown budget in seconds, then exit status 1; "
+        "must be greater than drain-timeout",
+        why="fits inside systemd's default stop timeout (90 s); Kubernetes' default grace "
+        "period is also 30 s and docker stop waits only 10 s, so set "
+        "terminationGracePeriodSeconds / docker stop -t / stop_grace_period above this value.",
+    ),
+    OptionSpec(
+        "log-format",
+        "TELTONIKA_LOG_FORMAT",
+        "text",
+        "log-format",
+        "log output format: text or json (one object per line)",
+    ),
+    OptionSpec(
+        "log-level",
+        "TELTONIKA_LOG_LEVEL",
+        "info",
+        "log-level",
+        "least severe level logged: debug, info, warn, error or critical",
+    ),
+    OptionSpec(
+        "allow-list",
+        "TELTONIKA_ALLOW_LIST",
+        "",
+        "optional-file",
+        "file of allowed IMEIs, one per line, # comments; empty = no file",
+    ),
+    OptionSpec(
+        "allow-list-key",
+        "TELTONIKA_ALLOW_LIST_KEY",
+        "",
+        "optional-key",
+        "Redis set of allowed IMEIs; empty = no Redis allow list",
+    ),
+    OptionSpec(
+        "luhn",
+        "TELTONIKA_LUHN",
+        "false",
+        "bool",
+        "reject IMEIs that fail the Luhn check digit (command line: --luhn / --no-luhn)",
+    ),
+)
+
+OPTIONS_BY_NAME: Final[Mapping[str, OptionSpec]] = {spec.name: spec for spec in OPTIONS}
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+class _Invalid(ValueError):
+    """A value failed its check; the message says what was expected (no value, no source)."""
+
+
+def _number(text: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Invalid(expected) from None
+    if not math.isfinite(value):
+        raise _Invalid(expected)
+    return value
+
+
+def _integer(text: str, expected: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise _Invalid(expected) from None
+
+
+def _parse_seconds(text: str) -> float:
+    expected = "expected a positive number of seconds"
+    value = _number(text, expected)
+    if value <= 0:
+        raise _Invalid(expected)
+    return value
+
+
+def _parse_seconds_or_zero(text: str) -> float:
+    expected = "expected a number of seconds (0 = off)"
+    value = _number(text, expected)
+    if value < 0:
+        raise _Invalid(expected)
+    return value
+
+
+def _parse_bytes(text: str) -> int:
+    expected = "expected a positive whole number of bytes"
+    value = _integer(text, expected)
+    if value <= 0:
+        raise _Invalid(expected)
+    return value
+
+
+def _parse_count(text: str) -> int:
+    expected = "expected a whole number >= 0 (0 = unlimited / off)"
+    value = _integer(text, expected)
+    if value < 0:
+        raise _Invalid(expected)
+    return value
+
+
+def _parse_positive_int(text: str) -> int:
+    expected = "expected a whole number >= 1"
+    value = _integer(text, expected)
+    if value < 1:
+        raise _Invalid(expected)
+    return value
+
+
+def _parse_udp_port(text: str) -> int | None:
+    if text == "":
+        return None
+    expected = "expected a UDP port number 1-65535 (0 or empty = off)"
+    value = _integer(text, expected)
+    if not 0 <= value <= 65535:
+        raise _Invalid(expected)
+    return value or None
+
+
+def _parse_ip_or_empty(text: str) -> str:
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise _Invalid(
+                "expected an IP address such as 127.0.0.1 or :: (empty = all interfaces)"
+            ) from None
+    return text
+
+
+def _no_space(text: str, what: str) -> str:
+    if not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise _Invalid(f"expected a non-empty {what} without spaces or control characters")
+    return text
+
+
+def _parse_key(text: str) -> str:
+    return _no_space(text, "Redis key")
+
+
+def _parse_optional_key(text: str) -> str | None:
+    return _no_space(text, "Redis key") if text else None
+
+
+def _parse_instance_id(text: str) -> str:
+    if text == "":
+        return socket.gethostname()
+    return _no_space(text, "instance id")
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise _Invalid("expected true/false, yes/no, on/off or 1/0")
+
+
+def _choice(
+    choices: Sequence[str], aliases: Mapping[str, str] | None = None
+) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        word = text.lower()
+        word = (aliases or {}).get(word, word)
+        if word not in choices:
+            raise _Invalid("expected one of " + ", ".join(choices))
+        return word
+
+    return parse
+
+
+def _parse_endpoint(text: str) -> str:
+    try:
+        check_server_endpoint(text)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return text
+
+
+def _parse_redis_url(text: str) -> RedisTarget | None:
+    if text == "":
+        return None
+    try:
+        return RedisTarget.parse(text)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+
+
+def _resolve_path(text: str, cwd: str | None) -> str:
+    path = os.path.expanduser(text)
+    if cwd is not None:
+        path = os.path.normpath(os.path.join(cwd, path))
+    return path
+
+
+# Parsers of the path kinds take the working directory (None: leave relative paths alone).
+_PARSERS: Final[dict[str, Callable[[str], Any]]] = {
+    "endpoint": _parse_endpoint,
+    "udp-port": _parse_udp_port,
+    "ip-or-empty": _parse_ip_or_empty,
+    "redis-url": _parse_redis_url,
+    "key": _parse_key,
+    "optional-key": _parse_optional_key,
+    "count": _parse_count,
+    "positive-int": _parse_positive_int,
+    "bytes": _parse_bytes,
+    "seconds": _parse_seconds,
+    "seconds-or-zero": _parse_seconds_or_zero,
+    "instance-id": _parse_instance_id,
+    "log-format": _choice(LOG_FORMATS),
+    "log-level": _choice(LOG_LEVELS, {"warning": "warn"}),
+    "bool": _parse_bool,
+}
+_PATH_KINDS: Final = frozenset({"path", "optional-file", "config"})
+
+
+def _parse_path(spec: OptionSpec, text: str, cwd: str | None) -> str | None:
+    if text == "":
+        if spec.kind == "path":
+            raise _Invalid("expected a directory path")
+        return None
+    path = _resolve_path(text, cwd)
+    if spec.kind == "optional-file" and cwd is not None and not os.path.isfile(path):
+        raise _Invalid(f"no such file: {path}")
+    return path
+
+
+def _builtin(name: str) -> Any:
+    """The built-in default of option ``name`` as a Config value (paths left relative)."""
+    spec = OPTIONS_BY_NAME[name]
+    if spec.kind in _PATH_KINDS:
+        return _parse_path(spec, spec.default, None)
+    return _PARSERS[spec.kind](spec.default)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+# Parameters of Twisted's server endpoint parsers, in positional order; the first is required.
+_ENDPOINT_PARAMS: Final[dict[str, tuple[str, ...]]] = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": (
+        "port",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+    ),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+    "systemd": ("domain", "index", "name"),
+}
+
+
+def _split_endpoint(description: str) -> Iterator[tuple[str | None, str]]:
+    """Yield (keyword or None, value) for each ':'-separated part, honouring backslash escapes
+    the way ``twisted.internet.endpoints`` does."""
+    key: str | None = None
+    current = ""
+    chars = iter(description)
+    for c in chars:
+        if c == "\\":
+            current += next(chars, "")
+        elif c == ":":
+            yield key, current
+            key, current = None, ""
+        elif c == "=" and key is None:
+            key, current = current, ""
+        else:
+            current += c
+    yield key, current
+
+
+def check_server_endpoint(description: str) -> None:
+    """Check a Twisted server endpoint string cheaply, without building the endpoint.
+
+    Raises ``ValueError`` with a message saying what was expected. Checks the type prefix,
+    the parameter names, the required parameter and the numbers; files (TLS keys) and
+    inherited descriptors (systemd) are only checked when the service starts.
+    """
+    if description == "":
+        raise ValueError("expected a Twisted server endpoint string such as 'tcp:5027'")
+    if description.isdigit():
+        raise ValueError(
+            f"a bare port number is not an endpoint string (write 'tcp:{description}')"
+        )
+    kind, sep, rest = description.partition(":")
+    if kind not in SERVER_ENDPOINT_TYPES:
+        raise ValueError(
+            f"unknown endpoint type {kind!r} (expected one of "
+            + ", ".join(t + ":" for t in SERVER_ENDPOINT_TYPES)
+            + ")"
+        )
+    if kind == "haproxy":
+        # HAProxy wraps another server endpoint: haproxy:tcp:5027
+        try:
+            check_server_endpoint(rest)
+        except ValueError as e:
+            raise ValueError(f"after 'haproxy:': {e}") from None
+        return
+    params = _ENDPOINT_PARAMS[kind]
+    values: dict[str, str] = {}
+    positional = 0
+    for key, value in _split_endpoint(rest) if sep else ():
+        if key is None:
+            if positional >= len(params):
+                raise ValueError(f"too many ':'-separated arguments for {kind}:")
+            name = params[positional]
+            positional += 1
+        elif key not in params:
+            raise ValueError(
+                f"unknown {kind}: parameter {key!r} (known: " + ", ".join(params) + ")"
+            )
+        else:
+            name = key
+        if name in values:
+            raise ValueError(f"{kind}: parameter {name!r} given twice")
+        values[name] = value
+    required = params[0]
+    if not values.get(required):
+        raise ValueError(f"{kind}: the {required} is missing, e.g. {_EXAMPLES[kind]!r}")
+    if "port" in values:
+        port = values["port"]
+        if not (port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"{kind}: port must be a number 0-65535")
+    if "backlog" in values and not (values["backlog"].isdigit() and int(values["backlog"]) > 0):
+        raise ValueError(f"{kind}: backlog must be a positive number")
+    if kind == "unix":
+        if "mode" in values and not re.fullmatch(r"[0-7]{1,4}", values["mode"]):
+            raise ValueError("unix: mode must be octal, e.g. mode=660")
+        if "lockfile" in values and values["lockfile"] not in ("0", "1"):
+            raise ValueError("unix: lockfile must be 0 or 1")
+    if kind == "systemd":
+        if values["domain"] not in ("INET", "INET6", "UNIX"):
+            raise ValueError("systemd: domain must be INET, INET6 or UNIX")
+        if ("index" in values) == ("name" in values):
+            raise ValueError("systemd: give exactly one of index= or name=")
+        if "index" in values and not values["index"].isdigit():
+            raise ValueError("systemd: index must be a number >= 0")
+
+
+_EXAMPLES: Final = {
+    "tcp": "tcp:5027",
+    "tcp6": "tcp6:5027",
+    "ssl": "ssl:5027:privateKey=key.pem:certKey=cert.pem",
+    "unix": "unix:/run/teltonika.sock",
+    "systemd": "systemd:domain=INET:index=0",
+}
+
+
+# --------------------------------------------------------------------------- Redis target
+
+
+def _password_repr(password: str | None) -> str:
+    return "None" if password is None else "'***'"
+
+
+@attrs.frozen
+class RedisTarget:
+    """Where the external Redis is: TCP ``host``/``port`` or ``unix_path``, plus db/password.
+
+    ``repr()`` and :meth:`describe` never show the password.
+    """
+
+    host: str | None = None
+    port: int | None = None
+    unix_path: str | None = None
+    db: int = 0
+    password: str | None = attrs.field(default=None, repr=_password_repr)
+
+    @property
+    def is_unix(self) -> bool:
+        return self.unix_path is not None
+
+    def describe(self) -> str:
+        """A URL for logs, with the password replaced by ``***``."""
+        if self.unix_path is not None:
+            query = f"?db={self.db}"
+            if self.password is not None:
+                query += "&password=***"
+            return f"unix://{self.unix_path}{query}"
+        auth = ":***@" if self.password is not None else ""
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        """Parse ``redis://[:password@]host[:port][/db]`` or
+        ``unix:///path/to/socket[?db=N][&password=P]``.
+
+        Raises ``ValueError`` saying what was expected; the message never contains the URL.
+        """
+        usage_hint = (
+            "expected redis://[:password@]host[:port][/db] or unix:///path/to/socket[?db=N]"
+        )
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise ValueError(usage_hint) from None
+        scheme = parts.scheme.lower()
+        if scheme == "rediss":
+            raise ValueError(
+                "rediss:// (TLS) is not supported; use redis:// on a private network, "
+                "or a local TLS tunnel (stunnel, spiped) reached by redis:// or unix://"
+            )
+        if parts.fragment:
+            raise ValueError(usage_hint + " (no '#' part)")
+        if scheme == "redis":
+            return cls._parse_tcp(parts, usage_hint)
+        if scheme == "unix":
+            return cls._parse_unix(parts)
+        raise ValueError(usage_hint)
+
+    @classmethod
+    def _parse_tcp(cls, parts: Any, usage_hint: str) -> RedisTarget:
+        if parts.query:
+            raise ValueError(
+                "unexpected '?' part in a redis:// URL; the database goes in the path, "
+                "redis://host:6379/1"
+            )
+        if parts.username:
+            raise ValueError(
+                "a user name in the URL is not supported, only a password: "
+                "redis://:password@host:6379/0"
+            )
+        host = parts.hostname
+        if not host:
+            raise ValueError("the host is missing, e.g. redis://cache:6379/0")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port must be a number 1-65535") from None
+        if port == 0:
+            raise ValueError("the port must be a number 1-65535")
+        db = cls._db(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        password = unquote(parts.password) if parts.password else None
+        return cls(host=host, port=port or REDIS_DEFAULT_PORT, db=db, password=password)
+
+    @classmethod
+    def _parse_unix(cls, parts: Any) -> RedisTarget:
+        path = unquote(parts.path)
+        if parts.netloc or not path.startswith("/") or path == "/":
+            raise ValueError(
+                "expected an absolute socket path after unix:// (three slashes), "
+                "e.g. unix:///run/redis/redis.sock"
+            )
+        db, password = 0, None
+        seen: set[str] = set()
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in seen:
+                raise ValueError(f"{key!r} given twice in the query")
+            seen.add(key)
+            if key == "db":
+                db = cls._db(value)
+            elif key == "password":
+                password = value or None
+            else:
+                raise ValueError(
+                    f"unknown query parameter {key!r} in a unix:// URL (known: db, password)"
+                )
+        return cls(unix_path=path, db=db, password=password)
+
+    @staticmethod
+    def _db(text: str) -> int:
+        if text == "":
+            return 0
+        if not text.isdigit() or len(text) > 9:
+            raise ValueError("the database must be a number >= 0, e.g. redis://host:6379/0")
+        return int(text)
+
+
+# --------------------------------------------------------------------------- Config
+
+
+# Built-in defaults as Config values, by option name (paths left relative; instance-id is
+# filled in per Config, see its field).
+_DEFAULTS: Final[dict[str, Any]] = {
+    spec.name: _builtin(spec.name) for spec in OPTIONS if spec.name != "instance-id"
+}
+
+
+@attrs.frozen
+class Config:
+    """The resolved configuration of one service process.
+
+    Direct construction (tests) uses the built-in defaults for every field not given; paths are
+    then left as given. :meth:`from_args` and :class:`Options` resolve all layers, validate, and
+    make paths absolute (relative to the working directory).
+    """
+
+    listen: str = _DEFAULTS["listen"]
+    udp_port: int | None = _DEFAULTS["udp-port"]
+    udp_interface: str = _DEFAULTS["udp-interface"]
+    metrics: str = _DEFAULTS["metrics"]
+    redis: RedisTarget | None = _DEFAULTS["redis-url"]  # None: start the embedded Redis
+    stream: str = _DEFAULTS["stream"]
+    stream_maxlen: int = _DEFAULTS["stream-maxlen"]  # 0: no trimming
+    instance_id: str = attrs.field(factory=socket.gethostname)
+    # The INI file actually read (None: none); not part of equality.
+    config_file: str | None = attrs.field(default=None, eq=False)
+    data_dir: str = _DEFAULTS["data-dir"]
+    handshake_timeout: float = _DEFAULTS["handshake-timeout"]
+    idle_timeout: float = _DEFAULTS["idle-timeout"]
+    max_frame_size: int = _DEFAULTS["max-frame-size"]
+    max_buffer: int = _DEFAULTS["max-buffer"]
+    max_connections: int = _DEFAULTS["max-connections"]  # 0: unlimited
+    publish_timeout: float = _DEFAULTS["publish-timeout"]
+    max_inflight: int = _DEFAULTS["max-inflight"]
+    udp_dedup_window: float = _DEFAULTS["udp-dedup-window"]  # 0: no deduplication
+    command_timeout: float = _DEFAULTS["command-timeout"]
+    max_command_length: int = _DEFAULTS["max-command-length"]
+    janitor_interval: float = _DEFAULTS["janitor-interval"]
+    drain_timeout: float = _DEFAULTS["drain-timeout"]
+    shutdown_timeout: float = _DEFAULTS["shutdown-timeout"]
+    log_format: str = _DEFAULTS["log-format"]  # "text" | "json"
+    log_level: str = _DEFAULTS["log-level"]  # "debug" | "info" | "warn" | "error" | "critical"
+    allow_list: str | None = _DEFAULTS["allow-list"]
+    allow_list_key: str | None = _DEFAULTS["allow-list-key"]
+    luhn: bool = _DEFAULTS["luhn"]
+    # Fixed by the contract (SET instance:heartbeat:{id} EX 90 every 30 s); not options.
+    heartbeat_interval: float = 30.0
+    heartbeat_ttl: int = 90
+    # option name -> where its value came from ("default", "command line",
+    # "environment NAME", "config file PATH"); not part of equality.
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def dlq_stream(self) -> str:
+        """The dead-letter stream key (contract.md section 2: stream key + ':dlq')."""
+        return self.stream + ":dlq"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis is None
+
+    def describe(self) -> list[str]:
+        """One ``name = value (source)`` line per option, password hidden, for the start-up log."""
+        lines = []
+        for spec in OPTIONS:
+            value = getattr(self, spec.attr)
+            if isinstance(value, RedisTarget):
+                shown = value.describe()
+            elif value is None:
+                shown = "(none)" if spec.name != "redis-url" else "(embedded)"
+            else:
+                shown = str(value).lower() if isinstance(value, bool) else str(value)
+            lines.append(f"{spec.name} = {shown} ({self.sources.get(spec.name, 'default')})")
+        return lines
+
+    @classmethod
+    def from_args(
+        cls,
+        argv: Sequence[str],
+        environ: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> Config:
+        """Parse plugin arguments (as after ``twistd teltonika-ingest``) with all layers.
+
+        ``environ`` defaults to ``os.environ`` and ``cwd`` to the working directory.
+        Raises ``usage.UsageError`` (one-line message) for invalid input.
+        """
+        options = Options(environ=environ, cwd=cwd)
+        options.parseOptions(list(argv))
+        return options.config
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@attrs.frozen
+class _Raw:
+    text: str
+    source: str
+
+
+def _error(spec: OptionSpec, problem: str, raw: _Raw) -> usage.UsageError:
+    shown = raw.text
+    if spec.kind == "redis-url":
+        shown = re.sub(r"(?<=://)[^@/]*@", "***@", shown)
+        shown = re.sub(r"(?i)(password=)[^&]*", r"\1***", shown)
+    return usage.UsageError(f"{spec.flag}: {problem}, got {shown!r} (from {raw.source})")
+
+
+def _read_ini(path: str, shown: str) -> dict[str, _Raw]:
+    """Read the ``[teltonika-ingest]`` section of ``path``; any problem is a UsageError."""
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        default_section="\x00no default section",
+        inline_comment_prefixes=("#",),
+        empty_lines_in_values=False,
+        strict=True,
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise usage.UsageError(
+            f"--config: cannot read {path}: {e.strerror} (from {shown})"
+        ) from None
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"{path}: not UTF-8 text") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise usage.UsageError(
+            f"{path}: line {e.lineno}: setting before the [{CONFIG_SECTION}] section header: "
+            f"{e.line.strip()!r}"
+        ) from None
+    except configparser.DuplicateSectionError as e:
+        raise usage.UsageError(f"{path}: line {e.lineno}: section [{e.section}] repeated") from None
+    except configparser.DuplicateOptionError as e:
+        raise usage.UsageError(f"{path}: line {e.lineno}: key {e.option!r} repeated") from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        with contextlib.suppress(ValueError, SyntaxError):
+            line = ast.literal_eval(line)  # Python < 3.13 stores repr(line)
+        raise usage.UsageError(
+            f"{path}: line {lineno}: expected 'key = value', got {str(line).strip()!r}"
+        ) from None
+    except configparser.Error as e:  # pragma: no cover - any other parser complaint
+        raise usage.UsageError(f"{path}: {' '.join(str(e).split())}") from None
+    for section in parser.sections():
+        if section != CONFIG_SECTION:
+            raise usage.UsageError(
+                f"{path}: unknown section [{section}] (the only section is [{CONFIG_SECTION}])"
+            )
+    if not parser.has_section(CONFIG_SECTION):
+        return {}
+    source = f"config file {path}"
+    values: dict[str, _Raw] = {}
+    file_keys = [spec.key for spec in OPTIONS if spec.in_file]
+    for key, value in parser.items(CONFIG_SECTION):
+        spec = OPTIONS_BY_NAME.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key.replace("_", "-"), file_keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise usage.UsageError(f"{path}: unknown key {key!r} in [{CONFIG_SECTION}]{hint}")
+        if not spec.in_file:
+            raise usage.UsageError(
+                f"{path}: key {key!r} cannot be set in a config file; use {spec.flag} or {spec.env}"
+            )
+        values[key] = _Raw(value, source)
+    return values
+
+
+def _config_file(
+    cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str
+) -> tuple[str | None, str]:
+    """The INI file to read (or None) and where that choice came from."""
+    spec = OPTIONS_BY_NAME["config"]
+    given = cli.get(spec.name)
+    if given is not None:
+        raw = _Raw(given.strip(), "command line")
+    elif spec.env in environ:
+        raw = _Raw(environ[spec.env].strip(), f"environment {spec.env}")
+    else:
+        path = _resolve_path(spec.default, cwd)
+        return (path, "default") if os.path.exists(path) else (None, "default")
+    if raw.text == "":
+        return None, raw.source
+    path = _resolve_path(raw.text, cwd)
+    if not os.path.exists(path):
+        raise _error(spec, f"no such file: {path}", raw)
+    return path, raw.source
+
+
+def resolve(cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str) -> Config:
+    """Build a :class:`Config` from command line values (None = not given), an environment and
+    a working directory. Raises ``usage.UsageError`` with a one-line message."""
+    config_file, config_source = _config_file(cli, environ, cwd)
+    ini = _read_ini(config_file, config_source) if config_file else {}
+
+    values: dict[str, Any] = {}
+    raws: dict[str, _Raw] = {}
+    sources: dict[str, str] = {}
+    for spec in OPTIONS:
+        if spec.name == "config":
+            values[spec.attr] = config_file
+            sources[spec.name] = config_source
+            continue
+        given = cli.get(spec.name)
+        if given is not None:
+            raw = _Raw(given, "command line")
+        elif spec.env in environ:
+            raw = _Raw(environ[spec.env], f"environment {spec.env}")
+        elif spec.key in ini:
+            raw = ini[spec.key]
+        else:
+            raw = _Raw(spec.default, "default")
+        text = raw.text.strip()
+        if "\n" in text or "\r" in text:
+            raise _error(spec, "expected a single line", raw)
+        try:
+            if spec.kind in _PATH_KINDS:
+                values[spec.attr] = _parse_path(spec, text, cwd)
+            else:
+                values[spec.attr] = _PARSERS[spec.kind](text)
+        except _Invalid as e:
+            raise _error(spec, str(e), raw) from None
+        raws[spec.name] = raw
+        sources[spec.name] = raw.source
+
+    if values["shutdown_timeout"] <= values["drain_timeout"]:
+        drain = raws["drain-timeout"]
+        raise _error(
+            OPTIONS_BY_NAME["shutdown-timeout"],
+            f"must be greater than --drain-timeout ({drain.text.strip()}, from {drain.source})",
+            raws["shutdown-timeout"],
+        )
+    needed = values["max_frame_size"] + FRAME_OVERHEAD
+    if values["max_buffer"] < needed:
+        frame = raws["max-frame-size"]
+        raise _error(
+            OPTIONS_BY_NAME["max-buffer"],
+            f"must hold a whole frame, at least --max-frame-size + {FRAME_OVERHEAD} = {needed} "
+            f"bytes (--max-frame-size from {frame.source})",
+            raws["max-buffer"],
+        )
+    return Config(**values, sources=sources)
+
+
+# --------------------------------------------------------------------------- usage.Options
+
+
+def _usage_doc(spec: OptionSpec) -> str:
+    default = spec.default or "empty"
+    return f"{spec.help}. [env {spec.env}; default {default}]"
+
+
+class Options(usage.Options):
+    """``twistd teltonika-ingest`` options; after parsing, :attr:`config` holds the result.
+
+    ``environ`` and ``cwd`` default to the process environment and working directory (twistd
+    instantiates this class without arguments); tests pass their own.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Every option can also be set by an environment variable and in the INI file "
+        "(--config, default ./tap.conf if present, section [teltonika-ingest], keys are the "
+        "option names). Precedence: command line > environment > config file > default. "
+        "See OPERATIONS.md, 'Configuration reference'."
+    )
+    optParameters = [
+        [spec.name, None, None, _usage_doc(spec)] for spec in OPTIONS if spec.kind != "bool"
+    ]
+    optFlags = [
+        flag
+        for spec in OPTIONS
+        if spec.kind == "bool"
+        for flag in (
+            [spec.name, None, _usage_doc(spec)],
+            ["no-" + spec.name, None, f"Turn {spec.flag} off (overrides environment and file)."],
+        )
+    ]
+
+    config: Config
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._environ = environ
+        self._cwd = None if cwd is None else os.fspath(cwd)
+        for spec in OPTIONS:
+            if spec.kind == "bool":
+                # usage.Options defaults flags to 0; None tells "not given" apart.
+                self[spec.name] = None
+                self["no-" + spec.name] = None
+
+    def postOptions(self) -> None:
+        cli: dict[str, str | None] = {}
+        for spec in OPTIONS:
+            if spec.kind == "bool":
+                on, off = self[spec.name], self["no-" + spec.name]
+                if on and off:
+                    raise usage.UsageError(
+                        f"{spec.flag} and --no-{spec.name}: both given on the command line"
+                    )
+                cli[spec.name] = "true" if on else "false" if off else None
+            else:
+                cli[spec.name] = self[spec.name]
+        environ = os.environ if self._environ is None else self._environ
+        cwd = os.getcwd() if self._cwd is None else self._cwd
+        self.config = resolve(cli, environ, cwd)
+
+
+# --------------------------------------------------------------------------- generated docs
+
+_TAP_CONF_HEADER: Final = f"""\
+# teltonika-ingest configuration file (INI).
+#
+# Read from the file named by --config or TELTONIKA_CONFIG; without either, from ./tap.conf
+# when it exists (an explicitly named file must exist; an empty name reads no file).
+# Precedence: command line > environment > this file > built-in default.
+# Every setting is shown below commented out, at its built-in default: uncomment to change it.
+# Keys are the long option names; unknown keys are an error. Booleans: true/false, yes/no,
+# on/off, 1/0. Relative paths are relative to the working directory, not to this file.
+# Generated from teltonika_ingest/config.py: python -m teltonika_ingest.config tap.conf
+
+[{CONFIG_SECTION}]
+"""
+
+
+def render_tap_conf() -> str:
+    """The shipped ``tap.conf``: every file option commented out at its default."""
+    parts = [_TAP_CONF_HEADER]
+    for spec in OPTIONS:
+        if not spec.in_file:
+            continue
+        setting = f"# {spec.key} = {spec.default}".rstrip()
+        parts.append(f"\n# {spec.help} (env {spec.env})\n{setting}\n")
+    return "".join(parts)
+
+
+def _md_default(spec: OptionSpec) -> str:
+    return f"`{spec.default}`" if spec.default else "*(empty)*"
+
+
+def render_reference() -> str:
+    """The option table and the "why this default" list of OPERATIONS.md."""
+    rows = [
+        "| option | env | tap.conf key | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in OPTIONS:
+        key = f"`{spec.key}`" if spec.in_file else "—"
+        flag = f"`{spec.flag}`"
+        if spec.kind == "bool":
+            flag += f" / `--no-{spec.name}`"
+        rows.append(f"| {flag} | `{spec.env}` | {key} | {_md_default(spec)} | {spec.help} |")
+    rows.append("")
+    rows.append("Why these defaults:")
+    rows.append("")
+    for spec in OPTIONS:
+        if spec.why:
+            rows.append(f"* `{spec.flag}` = {_md_default(spec)}: {spec.why}")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    what = argv[0] if argv else ""
+    if what == "tap.conf":
+        sys.stdout.write(render_tap_conf())
+    elif what == "reference":
+        sys.stdout.write(render_reference())
+    else:
+        sys.stderr.write("usage: python -m teltonika_ingest.config tap.conf|reference\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main(sys.argv[1:]))
