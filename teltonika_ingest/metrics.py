@@ -1,0 +1,202 @@
+"""Prometheus metrics of one service instance (contract.md §5).
+
+Each service gets its own ``CollectorRegistry`` (the default registry is process-global
+and would refuse a second service built in the same process, e.g. in tests).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets sized for loopback Redis publishes (sub-millisecond) up to the
+# publish timeout (seconds).
+_FAST_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_COMMAND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+HANDSHAKE_RESULTS = ("accepted", "rejected", "malformed", "timeout")
+FRAME_RESULTS = ("ok", "crc_fail", "malformed", "dead_lettered", "too_large", "unknown_codec")
+COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
+
+
+class Metrics:
+    """All metrics of the service, registered in ``self.registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+
+        # --- connections
+        self.connections_active = Gauge(
+            "teltonika_connections_active",
+            "Device TCP connections currently open.",
+            registry=registry,
+        )
+        self.connections_total = Counter(
+            "teltonika_connections_total",
+            "Device TCP connections accepted by the listener.",
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "teltonika_connections_refused_total",
+            "Device TCP connections refused because --max-connections was reached.",
+            registry=registry,
+        )
+        self.disconnects = Counter(
+            "teltonika_disconnects_total",
+            "Device connections closed, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.handshakes = Counter(
+            "teltonika_handshakes_total",
+            "IMEI handshakes by result (accepted, rejected, malformed, timeout).",
+            ["result"],
+            registry=registry,
+        )
+        self.keepalives = Counter(
+            "teltonika_keepalives_total",
+            "Keep-alive (0xFF) bytes received from devices.",
+            registry=registry,
+        )
+        self.bytes_received = Counter(
+            "teltonika_bytes_received_total",
+            "Bytes received from devices (TCP and UDP).",
+            registry=registry,
+        )
+
+        # --- frames and records
+        self.frames = Counter(
+            "teltonika_frames_total",
+            "Frames received, by codec and result "
+            "(ok, crc_fail, malformed, dead_lettered, too_large, unknown_codec).",
+            ["codec", "result"],
+            registry=registry,
+        )
+        self.records = Counter(
+            "teltonika_records_total",
+            "AVL records published and ACKed, by codec.",
+            ["codec"],
+            registry=registry,
+        )
+        self.unknown_codec = Counter(
+            "teltonika_unknown_codec_total",
+            "CRC-valid frames with a codec id this service does not know.",
+            registry=registry,
+        )
+        self.udp_datagrams = Counter(
+            "teltonika_udp_datagrams_total",
+            "UDP datagrams by result (ok, duplicate, malformed, publish_failed).",
+            ["result"],
+            registry=registry,
+        )
+
+        # --- publishing
+        self.publish_duration = Histogram(
+            "teltonika_publish_duration_seconds",
+            "Time from handing a packet to Redis to Redis confirming it.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "teltonika_publish_failures_total",
+            "Packets not published (not ACKed; the device resends), by reason "
+            "(unavailable, timeout, error).",
+            ["reason"],
+            registry=registry,
+        )
+        self.publish_overflow = Counter(
+            "teltonika_publish_overflow_total",
+            "Packets refused because --max-inflight publishes were already in flight.",
+            registry=registry,
+        )
+        self.publish_inflight = Gauge(
+            "teltonika_publish_inflight",
+            "Publishes currently awaiting Redis.",
+            registry=registry,
+        )
+        self.ack_latency = Histogram(
+            "teltonika_ack_latency_seconds",
+            "Time from a complete frame received to its ACK written.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "teltonika_dead_letters_total",
+            "Frames written to the dead-letter stream, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "teltonika_redis_up",
+            "1 while the Redis connection is established, else 0.",
+            registry=registry,
+        )
+
+        # --- registry and heartbeat
+        self.registry_failures = Counter(
+            "teltonika_registry_failures_total",
+            "Failed registry writes (register, unregister, janitor).",
+            registry=registry,
+        )
+        self.heartbeat_failures = Counter(
+            "teltonika_heartbeat_failures_total",
+            "Failed heartbeat writes.",
+            registry=registry,
+        )
+        self.janitor_removed = Counter(
+            "teltonika_janitor_removed_total",
+            "Registry fields removed because their instance had no heartbeat.",
+            registry=registry,
+        )
+
+        # --- commands
+        self.commands = Counter(
+            "teltonika_commands_total",
+            "GPRS command outcomes and device messages, by status.",
+            ["status"],
+            registry=registry,
+        )
+        self.commands_inflight = Gauge(
+            "teltonika_commands_inflight",
+            "GPRS commands written to a device and awaiting its answer.",
+            registry=registry,
+        )
+        self.command_roundtrip = Histogram(
+            "teltonika_command_roundtrip_seconds",
+            "Time from a command written to a device to its answer.",
+            buckets=_COMMAND_BUCKETS,
+            registry=registry,
+        )
+
+        # --- process health
+        self.session_errors = Counter(
+            "teltonika_session_errors_total",
+            "Unexpected exceptions inside one device session (that session was closed).",
+            registry=registry,
+        )
+        self.unhandled_errors = Counter(
+            "teltonika_unhandled_errors_total",
+            "Unhandled errors logged at critical (e.g. Deferred failures garbage-collected).",
+            registry=registry,
+        )
+
+        # Make the labelled series visible (at 0) before the first event, so that
+        # rate() and alert rules work from the start.
+        for result in HANDSHAKE_RESULTS:
+            self.handshakes.labels(result=result)
+        for status in COMMAND_STATUSES:
+            self.commands.labels(status=status)

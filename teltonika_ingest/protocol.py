@@ -1,0 +1,507 @@
+"""The Twisted face of a device TCP connection: a thin adapter around ``Session``.
+
+``dataReceived`` feeds the session; the session answers with actions; this module carries
+them out (write, publish, register, close) and feeds the outcomes back. Where the ACK is
+written: ``TeltonikaProtocol._published`` -> ``Session.published`` -> ``Send(ack)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from teltonika_ingest.codec import AvlFrame, CommandMessage
+from teltonika_ingest.metrics import Metrics
+from teltonika_ingest.session import (
+    Accepted,
+    Action,
+    Authorize,
+    Close,
+    CommandAnswered,
+    CommandsAbandoned,
+    CommandSent,
+    DeadLetter,
+    DeviceMessage,
+    FrameRejected,
+    KeepAliveSeen,
+    PendingCommand,
+    Publish,
+    Send,
+    Session,
+    State,
+)
+
+if TYPE_CHECKING:
+    from teltonika_ingest.publisher import Publisher
+    from teltonika_ingest.registry import Registry
+
+log = Logger()
+
+# How long a closing connection may take to flush its last bytes before it is aborted
+# (a device that never reads must not keep a socket and its buffers forever).
+CLOSE_GRACE_SECONDS = 10.0
+
+
+@attrs.frozen
+class SessionSettings:
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 600.0
+    max_frame_size: int = 65536
+    max_buffer: int = 262144
+    max_connections: int = 0  # 0 = unlimited
+
+
+class Authority(TypingProtocol):
+    """Decides whether an IMEI may connect (allow-list, Luhn, ...)."""
+
+    def check(self, imei: str) -> bool | defer.Deferred[bool]: ...
+
+
+class CommandSink(TypingProtocol):
+    """Where command outcomes and device messages go (the command router)."""
+
+    def sent(self, handle: Any, protocol: TeltonikaProtocol) -> None: ...
+
+    def answered(self, handle: Any, message: CommandMessage) -> None: ...
+
+    def abandoned(self, handles: tuple[Any, ...]) -> None: ...
+
+    def device_message(self, imei: str, message: CommandMessage, unsolicited: bool) -> None: ...
+
+
+def describe_peer(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(address)
+
+
+class TeltonikaProtocol(Protocol):
+    factory: TeltonikaFactory
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.peer = "?"
+        self.imei: str | None = None
+        self._handshake_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self._last_activity = 0.0
+        self._frame_received_at = 0.0
+        self._closing = False
+
+    # ------------------------------------------------------------------ Twisted callbacks
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        settings = factory.settings
+        self.peer = describe_peer(self.transport.getPeer())
+        self.session = Session(
+            max_frame_size=settings.max_frame_size, max_buffer=settings.max_buffer
+        )
+        clock = factory.clock
+        self._last_activity = clock.seconds()
+        self._handshake_timer = clock.callLater(settings.handshake_timeout, self._handshake_expired)
+        if settings.idle_timeout > 0:
+            self._idle_timer = clock.callLater(settings.idle_timeout, self._idle_check)
+        factory.connection_opened(self)
+        log.debug("device connected from {peer}", peer=self.peer)
+        if factory.draining:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self._closing:
+            return
+        factory = self.factory
+        factory.metrics.bytes_received.inc(len(data))
+        self._last_activity = self._frame_received_at = factory.clock.seconds()
+        try:
+            actions = session.receive(data)
+            self._run(actions)
+        except Exception:
+            self._session_error(Failure())
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for timer in (self._handshake_timer, self._idle_timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._handshake_timer = self._idle_timer = self._abort_timer = None
+        if self.session is not None:
+            try:
+                self._run(self.session.close("disconnected", reason.getErrorMessage()))
+            except Exception:
+                self._session_error(Failure())
+        self.factory.connection_closed(self)
+
+    # ------------------------------------------------------------------ commands (router API)
+
+    def send_command(self, command: PendingCommand) -> None:
+        """Queue a GPRS command frame for this device (written when the session is idle)."""
+        if self.session is None:
+            self.factory.command_sink_abandon((command.handle,))
+            return
+        self._guarded(self.session.enqueue_command, command)
+
+    def command_timed_out(self, command: PendingCommand) -> None:
+        if self.session is not None:
+            self._guarded(self.session.command_timed_out, command)
+
+    def close(self, reason: str, detail: str = "") -> None:
+        """Close this connection from outside (shutdown, replaced by a newer connection)."""
+        if self.session is not None:
+            self._guarded(self.session.close, reason, detail)
+
+    # ------------------------------------------------------------------ action interpreter
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        try:
+            self._run(fn(*args))
+        except Exception:
+            self._session_error(Failure())
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                self.transport.write(action.data)  # type: ignore[union-attr]
+            elif kind is Publish:
+                self._publish(action.frame)  # type: ignore[union-attr]
+            elif kind is KeepAliveSeen:
+                self.factory.metrics.keepalives.inc()
+            elif kind is Authorize:
+                self._authorize(action.imei)  # type: ignore[union-attr]
+            elif kind is Accepted:
+                self._accepted(action.imei)  # type: ignore[union-attr]
+            elif kind is Close:
+                self._close(action)  # type: ignore[arg-type]
+            elif kind is DeadLetter:
+                self._dead_letter(action)  # type: ignore[arg-type]
+            elif kind is FrameRejected:
+                self._frame_rejected(action)  # type: ignore[arg-type]
+            elif kind is CommandSent:
+                self.factory.command_sink_sent(action.command, self)  # type: ignore[union-attr]
+            elif kind is CommandAnswered:
+                self.factory.command_sink_answered(action.command, action.message)  # type: ignore[union-attr]
+            elif kind is CommandsAbandoned:
+                self.factory.command_sink_abandon(action.commands)  # type: ignore[union-attr]
+            elif kind is DeviceMessage:
+                self._device_message(action)  # type: ignore[arg-type]
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown action {action!r}")
+
+    # ------------------------------------------------------------------ handshake
+
+    def _authorize(self, imei: str) -> None:
+        authority = self.factory.authority
+        if authority is None:
+            self._run(self._session().authorized(True))
+            return
+        d = defer.maybeDeferred(authority.check, imei)
+
+        def decided(allowed: bool) -> None:
+            self._guarded(self._session().authorized, bool(allowed))
+
+        def failed(failure: Failure) -> None:
+            # The authority could not answer (e.g. Redis down): refuse, the device retries.
+            log.warn(
+                "authorization of {imei} from {peer} failed: {error}",
+                imei=imei,
+                peer=self.peer,
+                error=failure.getErrorMessage(),
+            )
+            self._guarded(self._session().authorized, False)
+
+        d.addCallbacks(decided, failed)
+
+    def _accepted(self, imei: str) -> None:
+        self.imei = imei
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self.factory.metrics.handshakes.labels(result="accepted").inc()
+        log.info("device {imei} connected from {peer}", imei=imei, peer=self.peer)
+        self.factory.imei_accepted(self)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        session = self.session
+        if session is not None and session.state in (State.AWAITING_IMEI, State.AUTHORIZING):
+            self._guarded(session.close, "handshake_timeout", "no IMEI in time")
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        clock = self.factory.clock
+        timeout = self.factory.settings.idle_timeout
+        idle_for = clock.seconds() - self._last_activity
+        session = self.session
+        if session is None or session.state is State.CLOSED:
+            return
+        # A connection waiting on us (publish or authorization in progress) is not idle.
+        if idle_for >= timeout and session.state not in (State.PUBLISHING, State.AUTHORIZING):
+            self._guarded(session.close, "idle_timeout", f"silent for {idle_for:.0f} s")
+            return
+        self._idle_timer = clock.callLater(max(timeout - idle_for, 1.0), self._idle_check)
+
+    # ------------------------------------------------------------------ publishing
+
+    def _session(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    def _publish(self, frame: AvlFrame) -> None:
+        factory = self.factory
+        factory.metrics.frames.labels(codec=frame.packet.codec, result="ok").inc()
+        received_at = self._frame_received_at
+        imei = self.imei or ""
+        d = factory.publisher.publish(imei, frame.packet, int(factory.clock.seconds() * 1000))
+        d.addCallbacks(
+            self._published,
+            self._publish_failed,
+            callbackArgs=(frame, received_at),
+        )
+        d.addErrback(self._session_error)
+
+    def _published(self, _count: Any, frame: AvlFrame, received_at: float) -> None:
+        session = self._session()
+        if session.state is not State.PUBLISHING:
+            return  # connection closed meanwhile: no ACK; the device will resend
+        factory = self.factory
+        records = len(frame.packet.records)
+        factory.metrics.records.labels(codec=frame.packet.codec).inc(records)
+        actions = session.published()
+        self._run(actions)
+        factory.metrics.ack_latency.observe(factory.clock.seconds() - received_at)
+        log.debug(
+            "ACKed {records} records ({codec}) for {imei}",
+            records=records,
+            codec=frame.packet.codec,
+            imei=self.imei,
+        )
+
+    def _publish_failed(self, failure: Failure) -> None:
+        log.error(
+            "publish failed for {imei} ({peer}); not ACKed, closing so the device resends: "
+            "{error}",
+            imei=self.imei,
+            peer=self.peer,
+            error=failure.getErrorMessage() or failure.type.__name__,
+        )
+        self._run(self._session().publish_failed(failure.getErrorMessage()))
+
+    def _dead_letter(self, action: DeadLetter) -> None:
+        factory = self.factory
+        metrics = factory.metrics
+        error = action.error
+        if action.reason == "unknown_codec":
+            metrics.unknown_codec.inc()
+            metrics.frames.labels(codec=action.codec, result="unknown_codec").inc()
+        else:
+            metrics.frames.labels(codec=action.codec, result="dead_lettered").inc()
+        log.warn(
+            "undecodable frame from {imei} ({peer}), dead-lettering it: {error}",
+            imei=self.imei,
+            peer=self.peer,
+            error=str(error.error),
+        )
+        assert error.raw is not None
+        d = factory.publisher.dead_letter(
+            self.imei or "",
+            action.codec,
+            f"{action.reason}: {error.error}",
+            error.raw,
+            int(factory.clock.seconds() * 1000),
+        )
+
+        def written(_: Any) -> None:
+            metrics.dead_letters.labels(reason=action.reason).inc()
+            if self._session().state is State.PUBLISHING:
+                self._run(self._session().published())
+
+        d.addCallbacks(written, self._publish_failed)
+        d.addErrback(self._session_error)
+
+    def _frame_rejected(self, action: FrameRejected) -> None:
+        self.factory.metrics.frames.labels(codec=action.codec, result=action.result).inc()
+        log.warn(
+            "bad frame from {imei} ({peer}): {detail}; closing",
+            imei=self.imei or "-",
+            peer=self.peer,
+            detail=action.detail,
+            codec=action.codec,
+            result=action.result,
+        )
+
+    def _device_message(self, action: DeviceMessage) -> None:
+        message = action.message
+        if action.unsolicited:
+            log.warn(
+                "Codec {codec} type {type} from {imei} with no command in flight: {text!r}",
+                codec=message.codec,
+                type=message.type,
+                imei=self.imei,
+                text=message.text[:200],
+            )
+        self.factory.command_sink_message(self.imei or "", message, action.unsolicited)
+
+    # ------------------------------------------------------------------ closing
+
+    def _close(self, action: Close) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        factory = self.factory
+        metrics = factory.metrics
+        reason = action.reason
+        if reason == "handshake_malformed":
+            metrics.handshakes.labels(result="malformed").inc()
+        elif reason == "handshake_rejected":
+            metrics.handshakes.labels(result="rejected").inc()
+        elif reason == "handshake_timeout":
+            metrics.handshakes.labels(result="timeout").inc()
+        metrics.disconnects.labels(reason=reason).inc()
+        level = log.info if reason in ("disconnected", "shutdown", "replaced") else log.warn
+        level(
+            "closing connection of {imei} ({peer}): {reason} {detail}",
+            imei=self.imei or "-",
+            peer=self.peer,
+            reason=reason,
+            detail=action.detail,
+        )
+        transport = self.transport
+        if transport is None:
+            return
+        if action.handshake_reply is not None:
+            transport.write(action.handshake_reply)
+        if reason == "disconnected":
+            return
+        transport.loseConnection()
+        # A peer that never reads would keep the socket open while our bytes wait.
+        self._abort_timer = factory.clock.callLater(
+            CLOSE_GRACE_SECONDS, transport.abortConnection  # type: ignore[attr-defined]
+        )
+
+    def _session_error(self, failure: Failure) -> None:
+        """An unexpected exception inside this session: log it, close only this session."""
+        self.factory.metrics.session_errors.inc()
+        log.failure(
+            "unexpected error in the session of {imei} ({peer}); closing it",
+            failure=failure,
+            imei=self.imei or "-",
+            peer=self.peer,
+        )
+        if self.session is not None:
+            self.session.state = State.CLOSED
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class TeltonikaFactory(Factory):
+    """Builds device protocols and tracks every open connection."""
+
+    protocol = TeltonikaProtocol
+
+    def __init__(
+        self,
+        *,
+        publisher: Publisher,
+        registry: Registry | None,
+        metrics: Metrics,
+        clock: IReactorTime,
+        settings: SessionSettings | None = None,
+        authority: Authority | None = None,
+        commands: CommandSink | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self.settings = settings or SessionSettings()
+        self.authority = authority
+        self.commands = commands
+        self.connections: set[TeltonikaProtocol] = set()
+        self.by_imei: dict[str, TeltonikaProtocol] = {}
+        self.draining = False
+
+    def buildProtocol(self, addr: IAddress) -> TeltonikaProtocol | None:  # type: ignore[override]
+        limit = self.settings.max_connections
+        if limit and len(self.connections) >= limit:
+            self.metrics.connections_refused.inc()
+            log.warn(
+                "refusing connection from {peer}: {count} connections open (--max-connections)",
+                peer=describe_peer(addr),
+                count=len(self.connections),
+            )
+            return None
+        proto = TeltonikaProtocol()
+        proto.factory = self
+        return proto
+
+    # ------------------------------------------------------------------ tracking
+
+    def connection_opened(self, proto: TeltonikaProtocol) -> None:
+        self.connections.add(proto)
+        self.metrics.connections_total.inc()
+        self.metrics.connections_active.set(len(self.connections))
+
+    def connection_closed(self, proto: TeltonikaProtocol) -> None:
+        self.connections.discard(proto)
+        self.metrics.connections_active.set(len(self.connections))
+        imei = proto.imei
+        if imei is not None and self.by_imei.get(imei) is proto:
+            del self.by_imei[imei]
+            if self.registry is not None:
+                self.registry.unregister(imei)
+
+    def imei_accepted(self, proto: TeltonikaProtocol) -> None:
+        imei = proto.imei
+        assert imei is not None
+        previous = self.by_imei.get(imei)
+        self.by_imei[imei] = proto
+        if previous is not None and previous is not proto:
+            # The device reconnected before its old socket timed out: the old one is stale.
+            previous.close("replaced", "the device opened a new connection")
+        if self.registry is not None:
+            self.registry.register(imei)
+
+    # ------------------------------------------------------------------ commands
+
+    def command_sink_sent(self, handle: Any, proto: TeltonikaProtocol) -> None:
+        if self.commands is not None:
+            self.commands.sent(handle, proto)
+
+    def command_sink_answered(self, handle: Any, message: CommandMessage) -> None:
+        if self.commands is not None:
+            self.commands.answered(handle, message)
+
+    def command_sink_abandon(self, handles: tuple[Any, ...]) -> None:
+        if self.commands is not None:
+            self.commands.abandoned(handles)
+
+    def command_sink_message(self, imei: str, message: CommandMessage, unsolicited: bool) -> None:
+        if self.commands is not None:
+            self.commands.device_message(imei, message, unsolicited)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop_reading(self) -> None:
+        """Shutdown step 2: take no new packets (in-flight publishes still finish)."""
+        self.draining = True
+        for proto in list(self.connections):
+            if proto.transport is not None:
+                proto.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        for proto in list(self.connections):
+            proto.close(reason, "service stopping")
+
+    def held_imeis(self) -> list[str]:
+        return list(self.by_imei)

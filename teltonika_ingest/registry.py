@@ -1,0 +1,233 @@
+"""Connection registry, instance heartbeat and the registry janitor (contract.md §2).
+
+* ``connections:registry`` hash: IMEI -> instance id holding that device's socket.
+* ``instance:heartbeat:{id}``: epoch ms, ``SET EX 90`` every 30 s.
+
+Registry trouble never blocks telemetry: every write here is fire-and-forget from the
+session's point of view; failures are logged and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from teltonika_ingest.metrics import Metrics
+from teltonika_ingest.redisclient import RedisClient, Script
+
+log = Logger()
+
+REGISTRY_KEY = "connections:registry"
+HEARTBEAT_PREFIX = "instance:heartbeat:"
+
+# Delete each field of ARGV[2..] only if it still names ARGV[1]; returns the count deleted.
+COMPARE_AND_DELETE = Script(
+    """
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+)
+
+
+def heartbeat_key(instance_id: str) -> str:
+    return HEARTBEAT_PREFIX + instance_id
+
+
+class Registry(Service):
+    """Registers held IMEIs and keeps this instance's heartbeat alive."""
+
+    name = "registry"
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        instance_id: str,
+        metrics: Metrics,
+        clock: IReactorTime,
+        heartbeat_interval: float = 30.0,
+        heartbeat_ttl: int = 90,
+        janitor_interval: float = 60.0,
+    ) -> None:
+        self.redis = redis
+        self.instance_id = instance_id
+        self.metrics = metrics
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_ttl = heartbeat_ttl
+        self.janitor_interval = janitor_interval
+        self.heartbeat_key = heartbeat_key(instance_id)
+        self._heartbeat = task.LoopingCall(self.beat)
+        self._heartbeat.clock = clock
+        self._janitor = task.LoopingCall(self.sweep)
+        self._janitor.clock = clock
+        self._sweeping: defer.Deferred[int] | None = None
+        self._pending: set[defer.Deferred[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self._heartbeat.start(self.heartbeat_interval, now=True)
+        if self.janitor_interval > 0:
+            self._janitor.start(self.janitor_interval, now=False)
+
+    def stop_timers(self) -> None:
+        for loop in (self._heartbeat, self._janitor):
+            if loop.running:
+                loop.stop()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self.stop_timers()
+        return defer.succeed(None)
+
+    # ------------------------------------------------------------------ registry
+
+    def register(self, imei: str) -> defer.Deferred[Any]:
+        d = self.redis.execute("HSET", REGISTRY_KEY, imei, self.instance_id)
+        d.addErrback(self._failed, "register", imei)
+        return self._track(d)
+
+    def unregister(self, imei: str) -> defer.Deferred[Any]:
+        """Remove ``imei`` only if the registry still names this instance (atomic)."""
+        d = self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, imei])
+        d.addErrback(self._failed, "unregister", imei)
+        return self._track(d)
+
+    def _track(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        self._pending.add(d)
+
+        def settled(result: Any) -> Any:
+            self._pending.discard(d)
+            return result
+
+        d.addBoth(settled)
+        return d
+
+    def settled(self) -> defer.Deferred[Any]:
+        """Fires once every register/unregister issued so far has been answered."""
+        pending = [_observe(d) for d in self._pending]
+        return defer.gatherResults(pending, consumeErrors=True) if pending else defer.succeed([])
+
+    def unregister_all(self, imeis: list[str]) -> defer.Deferred[Any]:
+        """Graceful shutdown: remove every field we still own, and our heartbeat key."""
+        self.stop_timers()
+        calls = []
+        for start in range(0, len(imeis), 500):
+            batch = imeis[start : start + 500]
+            d = self.redis.run_script(
+                COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, *batch]
+            )
+            d.addErrback(self._failed, "unregister", f"{len(batch)} IMEIs")
+            calls.append(d)
+        d = self.redis.execute("DEL", self.heartbeat_key)
+        d.addErrback(self._heartbeat_failed)
+        calls.append(d)
+        return defer.gatherResults(calls, consumeErrors=True)
+
+    def _failed(self, failure: Any, what: str, imei: str) -> None:
+        self.metrics.registry_failures.inc()
+        log.warn(
+            "registry {what} failed for {imei}: {error}",
+            what=what,
+            imei=imei,
+            error=failure.getErrorMessage(),
+        )
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def beat(self) -> defer.Deferred[Any]:
+        now_ms = int(self.clock.seconds() * 1000)
+        d = self.redis.execute("SET", self.heartbeat_key, str(now_ms), "EX", self.heartbeat_ttl)
+        d.addErrback(self._heartbeat_failed)
+        return d
+
+    def _heartbeat_failed(self, failure: Any) -> None:
+        self.metrics.heartbeat_failures.inc()
+        log.warn(
+            "heartbeat {key} failed: {error}",
+            key=self.heartbeat_key,
+            error=failure.getErrorMessage(),
+        )
+
+    # ------------------------------------------------------------------ janitor
+
+    def sweep(self) -> defer.Deferred[int]:
+        """Remove registry fields whose instance has no heartbeat key.
+
+        Safe on every instance at once: each deletion is a compare-and-delete, so a
+        field re-registered by a live instance in the meantime is left alone.
+        """
+        if self._sweeping is not None:
+            return self._sweeping  # the previous sweep is still running
+        d = defer.ensureDeferred(self._sweep())
+        d.addErrback(self._sweep_failed)
+
+        def finished(result: int) -> int:
+            self._sweeping = None
+            return result
+
+        d.addBoth(finished)
+        self._sweeping = d
+        return d
+
+    async def _sweep(self) -> int:
+        removed = 0
+        cursor = "0"
+        alive: dict[str, bool] = {self.instance_id: True}
+        while True:
+            reply = await self.redis.execute("HSCAN", REGISTRY_KEY, cursor, "COUNT", 1000)
+            cursor = _text(reply[0])
+            flat = reply[1]
+            dead: dict[str, list[str]] = {}
+            for i in range(0, len(flat), 2):
+                imei, owner = _text(flat[i]), _text(flat[i + 1])
+                if owner not in alive:
+                    exists = await self.redis.execute("EXISTS", heartbeat_key(owner))
+                    alive[owner] = bool(exists)
+                if not alive[owner]:
+                    dead.setdefault(owner, []).append(imei)
+            for owner, imeis in dead.items():
+                n = await self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [owner, *imeis])
+                if n:
+                    removed += int(n)
+                    self.metrics.janitor_removed.inc(int(n))
+                    log.info(
+                        "janitor removed {count} registry fields of instance {owner} "
+                        "(no heartbeat)",
+                        count=int(n),
+                        owner=owner,
+                    )
+            if cursor == "0":
+                return removed
+
+    def _sweep_failed(self, failure: Any) -> int:
+        self.metrics.registry_failures.inc()
+        log.warn("registry janitor sweep failed: {error}", error=failure.getErrorMessage())
+        return 0
+
+
+def _observe(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """A Deferred firing when ``d`` does, leaving ``d``'s own result alone."""
+    observer: defer.Deferred[Any] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        observer.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return observer
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

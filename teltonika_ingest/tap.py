@@ -1,0 +1,253 @@
+"""Wiring: turn a ``Config`` into the service tree (``makeService`` for the twistd plugin).
+
+Start order is the tree's order. Shutdown does not use MultiService's parallel stop: it
+follows contract.md §7 step by step (see ``IngestService.stopService``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.application.service import IService
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from teltonika_ingest.config import Config, Options
+from teltonika_ingest.embedded_redis import EmbeddedRedisService
+from teltonika_ingest.http import operations_site
+from teltonika_ingest.metrics import Metrics
+from teltonika_ingest.protocol import SessionSettings, TeltonikaFactory
+from teltonika_ingest.publisher import Publisher
+from teltonika_ingest.redisclient import RedisClient
+from teltonika_ingest.registry import Registry
+from teltonika_ingest.udp_listener import UdpListener
+
+log = Logger()
+
+
+def _with_timeout(d: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> defer.Deferred[Any]:
+    """Wait at most ``seconds`` for ``d``; fires with True if it finished, False if not."""
+    result: defer.Deferred[Any] = defer.Deferred()
+    timer = clock.callLater(seconds, lambda: result.called or result.callback(False))
+
+    def done(_: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(True)
+
+    d.addBoth(done)
+    return result
+
+
+class IngestService(service.MultiService):
+    """The whole process: every long-lived part is a child of this service."""
+
+    def __init__(self, config: Config, *, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.metrics = Metrics()
+        self.exit_code: int | None = None
+
+        # --- Redis (embedded child process when no URL is configured)
+        self.embedded: EmbeddedRedisService | None = None
+        target = config.redis
+        if target is None:
+            self.embedded = EmbeddedRedisService(config.data_dir, reactor=reactor)
+            self.embedded.setServiceParent(self)
+            target = self.embedded.target
+        self.redis = RedisClient(target, reactor=reactor, command_timeout=config.publish_timeout)
+        self.redis.setServiceParent(self)
+
+        # --- registry + heartbeat + janitor
+        self.registry = Registry(
+            self.redis,
+            instance_id=config.instance_id,
+            metrics=self.metrics,
+            clock=reactor,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_ttl=config.heartbeat_ttl,
+            janitor_interval=config.janitor_interval,
+        )
+        self.registry.setServiceParent(self)
+
+        # --- publisher and device listener
+        self.publisher = Publisher(
+            self.redis,
+            stream=config.stream,
+            maxlen=config.stream_maxlen,
+            max_inflight=config.max_inflight,
+            metrics=self.metrics,
+            clock=reactor,
+            instance_id=config.instance_id,
+        )
+        self.factory = TeltonikaFactory(
+            publisher=self.publisher,
+            registry=self.registry,
+            metrics=self.metrics,
+            clock=reactor,
+            settings=SessionSettings(
+                handshake_timeout=config.handshake_timeout,
+                idle_timeout=config.idle_timeout,
+                max_frame_size=config.max_frame_size,
+                max_buffer=config.max_buffer,
+                max_connections=config.max_connections,
+            ),
+        )
+        endpoint = endpoints.serverFromString(reactor, config.listen)
+        self.listener = internet.StreamServerEndpointService(endpoint, self.factory)
+        # The device port not binding is fatal: fail start-up instead of running deaf.
+        self.listener._raiseSynchronously = True
+        self.listener.setName("devices")
+        self.listener.setServiceParent(self)
+
+        self.udp: UdpListener | None = None
+        self.udp_service: internet.UDPServer | None = None
+        if config.udp_port:
+            self.udp = UdpListener(
+                publisher=self.publisher,
+                metrics=self.metrics,
+                clock=reactor,
+                dedup_window=config.udp_dedup_window,
+            )
+            self.udp_service = internet.UDPServer(
+                config.udp_port, self.udp, interface=config.udp_interface
+            )
+            self.udp_service.setName("udp")
+            self.udp_service.setServiceParent(self)
+
+        # --- HTTP operations listener
+        site = operations_site(self.metrics.registry, self.readiness)
+        self.http = internet.StreamServerEndpointService(
+            endpoints.serverFromString(reactor, config.metrics), site
+        )
+        self.http._raiseSynchronously = True
+        self.http.setName("http")
+        self.http.setServiceParent(self)
+
+        self.redis.on_state_change(self._redis_state_changed)
+
+    # ------------------------------------------------------------------ start-up
+
+    def startService(self) -> None:
+        log.info(
+            "teltonika-ingest starting: instance {instance}, devices on {listen}, "
+            "operations HTTP on {metrics}, Redis {redis}, stream {stream}",
+            instance=self.config.instance_id,
+            listen=self.config.listen,
+            metrics=self.config.metrics,
+            redis=self.config.redis.describe() if self.config.redis else "embedded",
+            stream=self.config.stream,
+        )
+        super().startService()
+        self.listening = defer.gatherResults(
+            [self._bound(self.listener, "devices"), self._bound(self.http, "operations HTTP")]
+        )
+
+    def _bound(self, svc: internet.StreamServerEndpointService, what: str) -> defer.Deferred[Any]:
+        """Fires with the listening port of ``svc`` (without consuming its own Deferred)."""
+        bound: defer.Deferred[Any] = defer.Deferred()
+
+        def listening(port: Any) -> Any:
+            log.info("{what} listening on {address}", what=what, address=port.getHost())
+            bound.callback(port)
+            return port
+
+        def failed(failure: Any) -> Any:
+            bound.errback(failure)
+            return failure
+
+        assert svc._waitingForPort is not None
+        svc._waitingForPort.addCallbacks(listening, failed)
+        return bound
+
+    # ------------------------------------------------------------------ readiness
+
+    def _redis_state_changed(self, connected: bool) -> None:
+        self.metrics.redis_up.set(1 if connected else 0)
+
+    def device_listener_up(self) -> bool:
+        return getattr(self.listener, "_waitingForPort", None) is not None and bool(
+            getattr(self.listener._waitingForPort, "called", False)
+        ) and not self._stopping
+
+    _stopping = False
+
+    def readiness(self) -> defer.Deferred[str | None]:
+        if self._stopping:
+            return defer.succeed("shutting down")
+        if not self.device_listener_up():
+            return defer.succeed("device listener not listening")
+
+        def answered(ok: bool) -> str | None:
+            return None if ok else f"redis not answering ({self.redis.redis_state()})"
+
+        return self.redis.ping().addCallback(answered)
+
+    # ------------------------------------------------------------------ shutdown (contract.md §7)
+
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        config = self.config
+        clock: IReactorTime = self.reactor
+        self._stopping = True
+        service.Service.stopService(self)
+        watchdog = clock.callLater(config.shutdown_timeout, self._shutdown_overrun)
+        log.info("shutdown: 1/6 stop accepting device connections")
+        await self.listener.stopService()
+        log.info("shutdown: 2/6 drain in-flight publishes (up to {t} s)", t=config.drain_timeout)
+        self.factory.stop_reading()
+        held = self.factory.held_imeis()
+        self.factory.registry = None  # batch unregister below instead of one call per socket
+        drained = await _with_timeout(self.publisher.drain(), config.drain_timeout, clock)
+        if not drained:
+            log.warn(
+                "shutdown: {n} publishes still in flight after the drain timeout; "
+                "their packets are not ACKed (devices will resend)",
+                n=self.publisher.inflight,
+            )
+        log.info(
+            "shutdown: 3/6 close {n} device connections", n=len(self.factory.connections)
+        )
+        self.factory.close_all("shutdown")
+        if self.udp_service is not None:
+            await self.udp_service.stopService()
+        log.info("shutdown: 4/6 unregister {n} IMEIs and the heartbeat key", n=len(held))
+        await _with_timeout(self.registry.unregister_all(held), 5.0, clock)
+        await self.registry.stopService()
+        log.info("shutdown: 5/6 stop the HTTP listener")
+        await self.http.stopService()
+        log.info("shutdown: 6/6 close Redis")
+        await self.redis.stopService()
+        if self.embedded is not None:
+            await self.embedded.stopService()
+        if watchdog.active():
+            watchdog.cancel()
+        log.info("shutdown complete")
+
+    def _shutdown_overrun(self) -> None:
+        log.critical(
+            "shutdown did not finish within --shutdown-timeout {t} s; exiting with status 1",
+            t=self.config.shutdown_timeout,
+        )
+        self.exit_code = 1
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
+
+
+def makeService(options: Options | dict[str, Any]) -> IService:
+    config: Config = options.config if isinstance(options, Options) else options["config"]
+    return IngestService(config)
+
