@@ -65,7 +65,14 @@ def operations_site(
     root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(ready_check))
-    site = server.Site(root)
+    site = _QuietSite(root)
     site.displayTracebacks = False
     site.noisy = False
     return site
+
+
+class _QuietSite(server.Site):
+    """No access log: Prometheus scrapes and probes would flood the service log."""
+
+    def log(self, request: server.Request) -> None:
+        pass

@@ -408,6 +408,7 @@ class TeltonikaFactory(Factory):
     """Builds device protocols and tracks every open connection."""
 
     protocol = TeltonikaProtocol
+    noisy = False
 
     def __init__(
         self,
@@ -430,6 +431,7 @@ class TeltonikaFactory(Factory):
         self.connections: set[TeltonikaProtocol] = set()
         self.by_imei: dict[str, TeltonikaProtocol] = {}
         self.draining = False
+        self._empty_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress) -> TeltonikaProtocol | None:  # type: ignore[override]
         limit = self.settings.max_connections
@@ -455,6 +457,10 @@ class TeltonikaFactory(Factory):
     def connection_closed(self, proto: TeltonikaProtocol) -> None:
         self.connections.discard(proto)
         self.metrics.connections_active.set(len(self.connections))
+        if not self.connections and self._empty_waiters:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         imei = proto.imei
         if imei is not None and self.by_imei.get(imei) is proto:
             del self.by_imei[imei]
@@ -502,6 +508,14 @@ class TeltonikaFactory(Factory):
     def close_all(self, reason: str = "shutdown") -> None:
         for proto in list(self.connections):
             proto.close(reason, "service stopping")
+
+    def all_closed(self) -> defer.Deferred[None]:
+        """Fires once no device connection is open."""
+        if not self.connections:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._empty_waiters.append(waiter)
+        return waiter
 
     def held_imeis(self) -> list[str]:
         return list(self.by_imei)

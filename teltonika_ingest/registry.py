@@ -77,7 +77,9 @@ class Registry(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._heartbeat.start(self.heartbeat_interval, now=True)
+        # Beat at once if Redis is already there; otherwise the owner calls beat() when the
+        # connection comes up (a beat before that would only fail and count a failure).
+        self._heartbeat.start(self.heartbeat_interval, now=self.redis.connected)
         if self.janitor_interval > 0:
             self._janitor.start(self.janitor_interval, now=False)
 

@@ -16,8 +16,8 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from teltonika_ingest.commands import CommandRouter
 from teltonika_ingest.config import Config, Options
-from teltonika_ingest.embedded_redis import EmbeddedRedisService
 from teltonika_ingest.http import operations_site
 from teltonika_ingest.metrics import Metrics
 from teltonika_ingest.protocol import SessionSettings, TeltonikaFactory
@@ -59,9 +59,11 @@ class IngestService(service.MultiService):
         self.exit_code: int | None = None
 
         # --- Redis (embedded child process when no URL is configured)
-        self.embedded: EmbeddedRedisService | None = None
+        self.embedded: Any = None
         target = config.redis
         if target is None:
+            from teltonika_ingest.embedded_redis import EmbeddedRedisService
+
             self.embedded = EmbeddedRedisService(config.data_dir, reactor=reactor)
             self.embedded.setServiceParent(self)
             target = self.embedded.target
@@ -110,6 +112,18 @@ class IngestService(service.MultiService):
         self.listener.setName("devices")
         self.listener.setServiceParent(self)
 
+        # --- GPRS commands (its own Redis connection for the blocking reads)
+        self.commands = CommandRouter(
+            self.factory,
+            target=target,
+            writer=self.redis,
+            instance_id=config.instance_id,
+            reactor=reactor,
+            default_timeout=config.command_timeout,
+            max_command_length=config.max_command_length,
+        )
+        self.commands.setServiceParent(self)
+
         self.udp: UdpListener | None = None
         self.udp_service: internet.UDPServer | None = None
         if config.udp_port:
@@ -134,7 +148,8 @@ class IngestService(service.MultiService):
         self.http.setName("http")
         self.http.setServiceParent(self)
 
-        self.redis.on_state_change(self._redis_state_changed)
+        self.redis.connection_made_hooks.append(self._redis_connected)
+        self.redis.connection_lost_hooks.append(self._redis_lost)
 
     # ------------------------------------------------------------------ start-up
 
@@ -172,8 +187,18 @@ class IngestService(service.MultiService):
 
     # ------------------------------------------------------------------ readiness
 
-    def _redis_state_changed(self, connected: bool) -> None:
-        self.metrics.redis_up.set(1 if connected else 0)
+    def _redis_connected(self) -> None:
+        self.metrics.redis_up.set(1)
+        log.info("Redis connected ({redis})", redis=self.redis.redis_state())
+        # Beat at once: the first beat at start-up may have failed before the connection
+        # existed, and without the key other instances' janitors would drop our fields.
+        if self.registry.running:
+            self.registry.beat()
+
+    def _redis_lost(self, reason: str) -> None:
+        self.metrics.redis_up.set(0)
+        if not self._stopping:
+            log.error("Redis connection lost: {reason}", reason=reason)
 
     def device_listener_up(self) -> bool:
         return getattr(self.listener, "_waitingForPort", None) is not None and bool(
@@ -206,6 +231,7 @@ class IngestService(service.MultiService):
         watchdog = clock.callLater(config.shutdown_timeout, self._shutdown_overrun)
         log.info("shutdown: 1/6 stop accepting device connections")
         await self.listener.stopService()
+        await self.commands.stopService()
         log.info("shutdown: 2/6 drain in-flight publishes (up to {t} s)", t=config.drain_timeout)
         self.factory.stop_reading()
         held = self.factory.held_imeis()
@@ -221,9 +247,20 @@ class IngestService(service.MultiService):
             "shutdown: 3/6 close {n} device connections", n=len(self.factory.connections)
         )
         self.factory.close_all("shutdown")
+        closed = await _with_timeout(self.factory.all_closed(), 5.0, clock)
+        if not closed:
+            log.warn(
+                "shutdown: {n} connections still open after 5 s; aborting them",
+                n=len(self.factory.connections),
+            )
+            for proto in list(self.factory.connections):
+                if proto.transport is not None:
+                    proto.transport.abortConnection()  # type: ignore[attr-defined]
+        await self.commands.drain(timeout=5.0)
         if self.udp_service is not None:
             await self.udp_service.stopService()
         log.info("shutdown: 4/6 unregister {n} IMEIs and the heartbeat key", n=len(held))
+        await _with_timeout(self.registry.settled(), 2.0, clock)
         await _with_timeout(self.registry.unregister_all(held), 5.0, clock)
         await self.registry.stopService()
         log.info("shutdown: 5/6 stop the HTTP listener")

@@ -27,7 +27,7 @@ class DeviceProtocol(Protocol):
             del self.received[:n]
             d.callback(chunk)
 
-    def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         waiters, self._waiters = self._waiters, []
         for _, d in waiters:
             d.errback(ConnectionError(f"closed with {bytes(self.received)!r} unread"))
