@@ -1,0 +1,1 @@
+"""Benchmarks of teltonika-ingest (``python -m bench.<name>``); results go in BENCHMARKS.md."""

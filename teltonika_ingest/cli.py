@@ -1,0 +1,47 @@
+"""``teltonika-ingest`` console script: a small dispatcher over subcommands.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``, which adds
+its parser and sets ``handler`` (``args -> exit status``) as a default. To add one,
+append its module to :data:`SUBCOMMAND_MODULES`; keep heavy imports (Twisted, Redis)
+inside the handler so ``teltonika-ingest decode`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "teltonika_ingest.decode_cmd",
+    "teltonika_ingest.command_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="teltonika-ingest",
+        description="Teltonika GPS tracker ingestion: tools around the service.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except BrokenPipeError:
+        # The reader went away (e.g. "| head"): stop quietly, as the Python docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
