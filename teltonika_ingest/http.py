@@ -35,7 +35,7 @@ class Readyz(Resource):
 
     def render_GET(self, request: server.Request) -> Any:
         d = self._check()
-        gone = []
+        gone: list[bool] = []
 
         def answer(reason: str | None) -> None:
             if gone:
@@ -74,5 +74,5 @@ def operations_site(
 class _QuietSite(server.Site):
     """No access log: Prometheus scrapes and probes would flood the service log."""
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: Any) -> None:
         pass

@@ -7,7 +7,8 @@ written: ``TeltonikaProtocol._published`` -> ``Session.published`` -> ``Send(ack
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet import defer
@@ -102,6 +103,7 @@ class TeltonikaProtocol(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         settings = factory.settings
+        assert self.transport is not None
         self.peer = describe_peer(self.transport.getPeer())
         self.session = Session(
             max_frame_size=settings.max_frame_size, max_buffer=settings.max_buffer
@@ -114,7 +116,7 @@ class TeltonikaProtocol(Protocol):
         factory.connection_opened(self)
         log.debug("device connected from {peer}", peer=self.peer)
         if factory.draining:
-            self.transport.pauseProducing()
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -288,11 +290,10 @@ class TeltonikaProtocol(Protocol):
 
     def _publish_failed(self, failure: Failure) -> None:
         log.error(
-            "publish failed for {imei} ({peer}); not ACKed, closing so the device resends: "
-            "{error}",
+            "publish failed for {imei} ({peer}); not ACKed, closing so the device resends: {error}",
             imei=self.imei,
             peer=self.peer,
-            error=failure.getErrorMessage() or failure.type.__name__,
+            error=failure.getErrorMessage() or repr(failure.value),
         )
         self._run(self._session().publish_failed(failure.getErrorMessage()))
 
@@ -385,7 +386,8 @@ class TeltonikaProtocol(Protocol):
         transport.loseConnection()
         # A peer that never reads would keep the socket open while our bytes wait.
         self._abort_timer = factory.clock.callLater(
-            CLOSE_GRACE_SECONDS, transport.abortConnection  # type: ignore[attr-defined]
+            CLOSE_GRACE_SECONDS,
+            transport.abortConnection,  # type: ignore[attr-defined]
         )
 
     def _session_error(self, failure: Failure) -> None:
@@ -407,7 +409,7 @@ class TeltonikaProtocol(Protocol):
 class TeltonikaFactory(Factory):
     """Builds device protocols and tracks every open connection."""
 
-    protocol = TeltonikaProtocol
+    protocol = TeltonikaProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(

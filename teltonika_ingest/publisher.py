@@ -150,7 +150,8 @@ class Publisher:
             self.inflight -= 1
             self.metrics.publish_inflight.dec()
             if isinstance(result, Failure):
-                self.metrics.publish_failures.labels(reason=failure_reason(result.value)).inc()
+                reason = failure_reason(result.value)  # type: ignore[arg-type]
+                self.metrics.publish_failures.labels(reason=reason).inc()
             else:
                 self.metrics.publish_duration.observe(self.clock.seconds() - started)
             if self.inflight == 0 and self._drain_waiters:

@@ -19,6 +19,7 @@ not acted on. GPRS commands are written only from IDLE, one in flight at a time.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections import deque
 from typing import Any
@@ -250,10 +251,8 @@ class Session:
         """The command in flight got no answer in time: forget it, send the next."""
         if self.command_in_flight is not command:
             # Not yet written: drop it from the queue.
-            try:
+            with contextlib.suppress(ValueError):
                 self._commands.remove(command)
-            except ValueError:
-                pass
             return []
         self.command_in_flight = None
         return self._maybe_send_command()
@@ -274,7 +273,9 @@ class Session:
 
     # ------------------------------------------------------------------ internals
 
-    def _close(self, reason: str, detail: str, handshake_reply: bytes | None = None) -> list[Action]:
+    def _close(
+        self, reason: str, detail: str, handshake_reply: bytes | None = None
+    ) -> list[Action]:
         self.state = State.CLOSED
         actions: list[Action] = [Close(reason, detail, handshake_reply)]
         abandoned = []
@@ -346,14 +347,15 @@ class Session:
         error = event.error
         codec = _codec_label(event.codec_id)
         if self.state is State.AWAITING_IMEI or isinstance(error, MalformedImei):
-            return self._close(
-                "handshake_malformed", str(error), handshake_reply=HANDSHAKE_REJECT
-            )
+            return self._close("handshake_malformed", str(error), handshake_reply=HANDSHAKE_REJECT)
         if error.fatal:
             result = "too_large" if isinstance(error, FrameTooLarge) else "malformed"
             return [FrameRejected(codec, result, str(error)), *self._close(result, str(error))]
         if isinstance(error, CrcMismatch):
-            return [FrameRejected(codec, "crc_fail", str(error)), *self._close("crc_fail", str(error))]
+            return [
+                FrameRejected(codec, "crc_fail", str(error)),
+                *self._close("crc_fail", str(error)),
+            ]
         # CRC-valid but undecodable: dead-letter it whole, then ACK its declared count so the
         # device does not resend it forever. Command-codec frames get no record ACK.
         reason = "unknown_codec" if isinstance(error, UnknownCodec) else "malformed"

@@ -29,10 +29,17 @@ from teltonika_ingest.udp_listener import UdpListener
 log = Logger()
 
 
-def _with_timeout(d: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> defer.Deferred[Any]:
+def _with_timeout(
+    d: defer.Deferred[Any], seconds: float, clock: IReactorTime
+) -> defer.Deferred[Any]:
     """Wait at most ``seconds`` for ``d``; fires with True if it finished, False if not."""
     result: defer.Deferred[Any] = defer.Deferred()
-    timer = clock.callLater(seconds, lambda: result.called or result.callback(False))
+
+    def expired() -> None:
+        if not result.called:
+            result.callback(False)
+
+    timer = clock.callLater(seconds, expired)
 
     def done(_: Any) -> None:
         if timer.active():
@@ -201,9 +208,11 @@ class IngestService(service.MultiService):
             log.error("Redis connection lost: {reason}", reason=reason)
 
     def device_listener_up(self) -> bool:
-        return getattr(self.listener, "_waitingForPort", None) is not None and bool(
-            getattr(self.listener._waitingForPort, "called", False)
-        ) and not self._stopping
+        return (
+            getattr(self.listener, "_waitingForPort", None) is not None
+            and bool(getattr(self.listener._waitingForPort, "called", False))
+            and not self._stopping
+        )
 
     _stopping = False
 
@@ -243,9 +252,7 @@ class IngestService(service.MultiService):
                 "their packets are not ACKed (devices will resend)",
                 n=self.publisher.inflight,
             )
-        log.info(
-            "shutdown: 3/6 close {n} device connections", n=len(self.factory.connections)
-        )
+        log.info("shutdown: 3/6 close {n} device connections", n=len(self.factory.connections))
         self.factory.close_all("shutdown")
         closed = await _with_timeout(self.factory.all_closed(), 5.0, clock)
         if not closed:
@@ -287,4 +294,3 @@ class IngestService(service.MultiService):
 def makeService(options: Options | dict[str, Any]) -> IService:
     config: Config = options.config if isinstance(options, Options) else options["config"]
     return IngestService(config)
-

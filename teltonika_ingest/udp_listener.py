@@ -74,7 +74,7 @@ class UdpListener(DatagramProtocol):
         if seen is not None and seen[0] == digest and now - seen[1] <= self.dedup_window:
             metrics.udp_datagrams.labels(result="duplicate").inc()
             log.debug("re-ACKing resent UDP packet {key}", key=key)
-            self.transport.write(encode_udp_ack(pkt.packet_id, pkt.avl_packet_id, seen[2]), addr)
+            self._write(encode_udp_ack(pkt.packet_id, pkt.avl_packet_id, seen[2]), addr)
             return
         if (pkt.imei, pkt.avl_packet_id, digest) in self._in_progress:
             # The first copy is still being published; its ACK will answer this one too.
@@ -92,7 +92,7 @@ class UdpListener(DatagramProtocol):
             self._published[key] = (digest, self.clock.seconds(), count)
             metrics.records.labels(codec=codec).inc(count)
             metrics.udp_datagrams.labels(result="ok").inc()
-            self.transport.write(encode_udp_ack(pkt.packet_id, pkt.avl_packet_id, count), addr)
+            self._write(encode_udp_ack(pkt.packet_id, pkt.avl_packet_id, count), addr)
             metrics.ack_latency.observe(self.clock.seconds() - received)
 
         def failed(failure: Failure) -> None:
@@ -106,6 +106,10 @@ class UdpListener(DatagramProtocol):
 
         d.addCallbacks(published, failed)
         d.addErrback(lambda f: log.failure("UDP ACK failed", failure=f))
+
+    def _write(self, data: bytes, addr: Any) -> None:
+        if self.transport is not None:  # None once the port stopped listening
+            self.transport.write(data, addr)
 
     def _purge(self, now: float) -> None:
         self._since_purge = 0

@@ -101,7 +101,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_no_timeout_after_accept(self) -> None:
         h = Harness(handshake_timeout=10, idle_timeout=0)
-        proto, transport = h.handshaken()
+        _proto, transport = h.handshaken()
         h.clock.advance(100)
         self.assertFalse(transport.disconnecting)
 
@@ -251,7 +251,7 @@ class DeadLetterTests(SynchronousTestCase):
         proto, transport = h.handshaken()
         proto.dataReceived(frame)
         self.assertEqual(transport.value(), b"")
-        imei, codec, reason, raw, d = h.publisher.dead[0]
+        imei, _codec, reason, raw, d = h.publisher.dead[0]
         self.assertEqual((imei, raw), (IMEI, frame))
         self.assertIn("unknown_codec", reason)
         d.callback(b"1-0")
@@ -264,7 +264,9 @@ class DeadLetterTests(SynchronousTestCase):
         from teltonika_ingest.codec import crc16_ibm
 
         body = b"\x99\x01\x00\x01"
-        frame = b"\x00" * 4 + struct.pack(">I", len(body)) + body + struct.pack(">I", crc16_ibm(body))
+        frame = (
+            b"\x00" * 4 + struct.pack(">I", len(body)) + body + struct.pack(">I", crc16_ibm(body))
+        )
         h = Harness()
         proto, transport = h.handshaken()
         proto.dataReceived(frame)

@@ -51,9 +51,7 @@ class Running:
         return 0.0 if value is None else value
 
 
-async def start(
-    redis: RedisProcess, tmp_path: Path, *args: str, **overrides: Any
-) -> Running:
+async def start(redis: RedisProcess, tmp_path: Path, *args: str, **overrides: Any) -> Running:
     config = Config.from_args(
         [
             "--listen",
@@ -185,9 +183,11 @@ async def test_redis_down_no_ack_then_resend_after_recovery(
         dev.send(frame)
         await dev.closed  # no ACK: the service closed the connection
         assert dev.received == b""
-        assert running.sample("teltonika_publish_failures_total", reason="unavailable") + (
-            running.sample("teltonika_publish_failures_total", reason="timeout")
-        ) >= 1
+        assert (
+            running.sample("teltonika_publish_failures_total", reason="unavailable")
+            + (running.sample("teltonika_publish_failures_total", reason="timeout"))
+            >= 1
+        )
 
         redis_proc.start()
         await wait_for(lambda: running.svc.redis.connected, timeout=15)
@@ -228,9 +228,7 @@ async def test_crc_failure_over_tcp(service: Running, redis_proc: RedisProcess) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_instances_racing_on_one_imei(
-    redis_proc: RedisProcess, tmp_path: Path
-) -> None:
+async def test_two_instances_racing_on_one_imei(redis_proc: RedisProcess, tmp_path: Path) -> None:
     a = await start(redis_proc, tmp_path, "--instance-id", "inst-a")
     b = await start(redis_proc, tmp_path, "--instance-id", "inst-b")
     try:
@@ -248,4 +246,3 @@ async def test_two_instances_racing_on_one_imei(
     finally:
         await a.svc.stopService()
         await b.svc.stopService()
-

@@ -14,10 +14,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from teltonika_ingest.codec import encode_imei
+
 from device import DeviceProtocol, connect_device, http_get, wait_for
 from redisproc import RedisProcess
 from support import avl_frame, make_record
-from teltonika_ingest.codec import encode_imei
 
 pytestmark = pytest.mark.integration
 
@@ -180,4 +181,3 @@ async def test_sigterm_with_redis_paused_exits_within_shutdown_timeout(
     finally:
         redis_proc.resume()
         svc.kill()
-

@@ -13,12 +13,13 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from device import wait_for
-from redisproc import RedisProcess
-from support import FakePublisher, make_record, vector
 from teltonika_ingest.codec import AvlPacket, UdpPacket, encode_udp_datagram
 from teltonika_ingest.metrics import Metrics
 from teltonika_ingest.udp_listener import UdpListener
+
+from device import wait_for
+from redisproc import RedisProcess
+from support import FakePublisher, make_record, vector
 from test_service_integration import start, stream_entries
 
 IMEI = "352093086403655"
@@ -100,7 +101,12 @@ class UdpUnitTests(SynchronousTestCase):
         self.assertEqual(len(self.publisher.calls), 1)
 
     def test_garbage_counted_not_raised(self) -> None:
-        for junk in (b"", b"\x00", b"\xff" * 40, bytes.fromhex(vector("udp-codec8-one-record")["hex"])[:-3]):
+        for junk in (
+            b"",
+            b"\x00",
+            b"\xff" * 40,
+            bytes.fromhex(vector("udp-codec8-one-record")["hex"])[:-3],
+        ):
             self.listener.datagramReceived(junk, self.addr)
         self.assertEqual(self.transport.sent, [])
         self.assertEqual(self.publisher.calls, [])
