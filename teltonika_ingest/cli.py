@@ -17,6 +17,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "teltonika_ingest.decode_cmd",
     "teltonika_ingest.command_cmd",
+    "teltonika_ingest.dlq_cmd",
 )
 
 

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import sys
 import uuid
 from typing import Any
+
+from teltonika_ingest.cliredis import (
+    CliError,
+    add_redis_arguments,
+    as_dict,
+    redis_target,
+    run_on_reactor,
+)
 
 DESCRIPTION = """\
 Send a GPRS command (Codec 12, or 14 with --codec 14) to a connected device and wait for
@@ -45,14 +52,8 @@ EXIT_CODES = {
     "invalid": EXIT_INVALID,
 }
 
-#: how long to wait for Redis to accept the connection
-CONNECT_TIMEOUT = 5.0
 #: longest single XREAD BLOCK while waiting for the outcome
 POLL_SECONDS = 5.0
-
-
-class CliError(Exception):
-    """A one-line error for stderr (exit status 1)."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -84,19 +85,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="seconds to wait for the outcome (default 2 x --timeout + 10: a command read "
         "late, e.g. after the instance restarted, gets its whole timeout from then)",
     )
-    parser.add_argument(
-        "--redis-url",
-        default=None,
-        help="redis://[:password@]host[:port][/db] or unix:///path?db=N; default: $REDIS_URL, "
-        "else redis-url from the service's config file (--config, $TELTONIKA_CONFIG, "
-        "./tap.conf)",
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE",
-        help="the service's INI file to take redis-url from (default as the service does)",
-    )
+    add_redis_arguments(parser)
     parser.add_argument(
         "--hex", action="store_true", help="TEXT is hex digits: send those bytes (binary command)"
     )
@@ -116,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``teltonika-ingest command``; returns the exit status."""
     try:
         fields, request_id = _command_fields(args)
-        target = _redis_target(args)
+        target = redis_target(args)
     except CliError as e:
         print(f"teltonika-ingest command: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -125,43 +114,18 @@ def run(args: argparse.Namespace) -> int:
         print("teltonika-ingest command: --wait must be positive", file=sys.stderr)
         return EXIT_ERROR
 
-    from twisted.internet import defer
-    from twisted.internet import reactor as global_reactor
+    def interrupted(state: dict[str, Any]) -> str:
+        if "entry_id" not in state:
+            return ""
+        return (
+            f" (entry {state['entry_id']} in {state['stream']}; its outcome will still be "
+            "recorded in commands:results)"
+        )
 
-    reactor: Any = global_reactor  # IReactorCore & IReactorTime (zope: opaque to mypy)
-    state: dict[str, Any] = {}
+    async def body(client: Any, reactor: Any, state: dict[str, Any]) -> int:
+        return await _send(client, reactor, args, fields, request_id, wait, state)
 
-    def start() -> None:
-        d = defer.ensureDeferred(_send(reactor, target, args, fields, request_id, wait, state))
-
-        def done(code: int) -> None:
-            state["code"] = code
-
-        def failed(failure: Any) -> None:
-            exc = failure.value
-            message = str(exc) if isinstance(exc, CliError) else f"{type(exc).__name__}: {exc}"
-            print(f"teltonika-ingest command: {message}", file=sys.stderr)
-            state["code"] = EXIT_ERROR
-
-        def stop(_: Any) -> None:
-            if reactor.running:
-                reactor.stop()
-
-        d.addCallbacks(done, failed)
-        d.addBoth(stop)
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if "code" in state:
-        return int(state["code"])
-    where = (
-        f" (entry {state['entry_id']} in {state['stream']}; its outcome will still be recorded "
-        "in commands:results)"
-        if "entry_id" in state
-        else ""
-    )
-    print(f"teltonika-ingest command: interrupted{where}", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return run_on_reactor("teltonika-ingest command", target, body, interrupted)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -191,68 +155,9 @@ def _command_fields(args: argparse.Namespace) -> tuple[list[str], str]:
     return fields, request_id
 
 
-def _redis_target(args: argparse.Namespace) -> Any:
-    from twisted.python import usage
-
-    from teltonika_ingest.config import Config, RedisTarget
-
-    url = args.redis_url or os.environ.get("REDIS_URL")
-    if url:
-        try:
-            return RedisTarget.parse(url)
-        except ValueError as e:
-            raise CliError(f"--redis-url: {e}") from None
-    argv = ["--config", args.config] if args.config is not None else []
-    try:
-        config = Config.from_args(argv)
-    except usage.UsageError as e:
-        raise CliError(str(e)) from None
-    if config.redis is None:
-        raise CliError(
-            "no Redis URL: pass --redis-url, set REDIS_URL, or set redis-url in the service's "
-            "config file (for the embedded development Redis, its unix socket in the data "
-            "directory, e.g. --redis-url unix://./var/redis.sock)"
-        )
-    return config.redis
-
-
-# --------------------------------------------------------------------------- Redis
-
-
-async def _connected(client: Any, reactor: Any, timeout: float) -> None:
-    from twisted.internet import defer
-
-    if client.connected:
-        return
-    d: defer.Deferred[None] = defer.Deferred()
-
-    def made() -> None:
-        if not d.called:
-            d.callback(None)
-
-    client.connection_made_hooks.append(made)
-    d.addTimeout(timeout, reactor)
-    try:
-        await d
-    except defer.TimeoutError:
-        raise CliError(
-            f"cannot connect to Redis at {client.target.describe()} within {timeout:g} s "
-            f"({client.redis_state()})"
-        ) from None
-    finally:
-        client.connection_made_hooks.remove(made)
-
-
-def _as_dict(flat: list[Any] | None) -> dict[str, str]:
-    if not flat:
-        return {}
-    items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
-    return dict(zip(items[0::2], items[1::2], strict=False))
-
-
 async def _send(
+    client: Any,
     reactor: Any,
-    target: Any,
     args: argparse.Namespace,
     fields: list[str],
     request_id: str,
@@ -260,68 +165,59 @@ async def _send(
     state: dict[str, Any],
 ) -> int:
     from teltonika_ingest.commands import RESULTS_KEY, command_stream
-    from teltonika_ingest.redisclient import RedisClient
     from teltonika_ingest.registry import REGISTRY_KEY, heartbeat_key
 
-    client = RedisClient(
-        target, reactor=reactor, command_timeout=10.0, poolsize=1, name="redis-cli"
-    )
-    client.startService()
-    try:
-        await _connected(client, reactor, CONNECT_TIMEOUT)
-        imei = args.imei
-        instance = await client.execute("HGET", REGISTRY_KEY, imei)
-        if instance is None:
-            return _report(
-                args,
-                _local_outcome(
-                    request_id, imei, "not_connected", "no instance holds a connection for this "
-                    f"IMEI ({REGISTRY_KEY} has no field {imei})",
-                ),
-            )  # fmt: skip
-        instance = str(instance)
-        if not await client.execute("EXISTS", heartbeat_key(instance)):
-            return _report(
-                args,
-                _local_outcome(
-                    request_id, imei, "not_connected", f"{REGISTRY_KEY} names instance "
-                    f"{instance}, which has no heartbeat (stopped or dead); command not added",
-                    instance,
-                ),
-            )  # fmt: skip
-        # Everything added to the results stream from now on is after this entry.
-        last = await client.execute("XREVRANGE", RESULTS_KEY, "+", "-", "COUNT", 1)
-        after = str(last[0][0]) if last else "0-0"
-        stream = command_stream(instance)
-        entry_id = str(await client.execute("XADD", stream, "*", *fields))
-        state.update(entry_id=entry_id, stream=stream)
-        deadline = reactor.seconds() + wait
-        while True:
-            remaining = deadline - reactor.seconds()
-            if remaining <= 0:
-                print(
-                    f"teltonika-ingest command: no outcome within {wait:g} s for command "
-                    f"{request_id} (entry {entry_id} in {stream}); it may still be pending, "
-                    "e.g. if that instance stopped",
-                    file=sys.stderr,
-                )
-                return EXIT_NO_OUTCOME
-            block = min(remaining, POLL_SECONDS)
-            reply = await client.execute(
-                "XREAD", "COUNT", 100, "BLOCK", max(1, int(block * 1000)),
-                "STREAMS", RESULTS_KEY, after,
-                timeout=block + 10,
-            )  # fmt: skip
-            for _key, entries in reply or ():
-                for result_id, flat in entries:
-                    after = str(result_id)
-                    result = _as_dict(flat)
-                    if result.get("id") == request_id and result.get("entry_id", entry_id) == (
-                        entry_id
-                    ):
-                        return _report(args, result)
-    finally:
-        await client.stopService()
+    imei = args.imei
+    instance = await client.execute("HGET", REGISTRY_KEY, imei)
+    if instance is None:
+        return _report(
+            args,
+            _local_outcome(
+                request_id, imei, "not_connected", "no instance holds a connection for this "
+                f"IMEI ({REGISTRY_KEY} has no field {imei})",
+            ),
+        )  # fmt: skip
+    instance = str(instance)
+    if not await client.execute("EXISTS", heartbeat_key(instance)):
+        return _report(
+            args,
+            _local_outcome(
+                request_id, imei, "not_connected", f"{REGISTRY_KEY} names instance "
+                f"{instance}, which has no heartbeat (stopped or dead); command not added",
+                instance,
+            ),
+        )  # fmt: skip
+    # Everything added to the results stream from now on is after this entry.
+    last = await client.execute("XREVRANGE", RESULTS_KEY, "+", "-", "COUNT", 1)
+    after = str(last[0][0]) if last else "0-0"
+    stream = command_stream(instance)
+    entry_id = str(await client.execute("XADD", stream, "*", *fields))
+    state.update(entry_id=entry_id, stream=stream)
+    deadline = reactor.seconds() + wait
+    while True:
+        remaining = deadline - reactor.seconds()
+        if remaining <= 0:
+            print(
+                f"teltonika-ingest command: no outcome within {wait:g} s for command "
+                f"{request_id} (entry {entry_id} in {stream}); it may still be pending, "
+                "e.g. if that instance stopped",
+                file=sys.stderr,
+            )
+            return EXIT_NO_OUTCOME
+        block = min(remaining, POLL_SECONDS)
+        reply = await client.execute(
+            "XREAD", "COUNT", 100, "BLOCK", max(1, int(block * 1000)),
+            "STREAMS", RESULTS_KEY, after,
+            timeout=block + 10,
+        )  # fmt: skip
+        for _key, entries in reply or ():
+            for result_id, flat in entries:
+                after = str(result_id)
+                result = as_dict(flat)
+                if result.get("id") == request_id and result.get("entry_id", entry_id) == (
+                    entry_id
+                ):
+                    return _report(args, result)
 
 
 def _local_outcome(
