@@ -121,7 +121,7 @@ async def _list(client: Any, key: str, count: int) -> int:
 
 def _received_ms(received_at: str) -> int:
     when = datetime.fromisoformat(received_at.replace("Z", "+00:00"))
-    return int(round(when.timestamp() * 1000))
+    return round(when.timestamp() * 1000)
 
 
 async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
@@ -136,7 +136,7 @@ async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
         maxlen=args.maxlen,
         max_inflight=1,
         metrics=Metrics(),
-        clock=_NoClock(),
+        clock=_NoClock(),  # type: ignore[arg-type]
         instance_id="dlq-replay",
     )
     replayed = still_failing = skipped = 0
