@@ -14,7 +14,7 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
@@ -122,6 +122,10 @@ class TeltonikaProtocol(Protocol):
         session = self.session
         if session is None or self._closing:
             return
+        if self.imei is None and self.transport is not None:
+            # Behind haproxy: the PROXY header has been read by now, so the transport
+            # reports the device's real address (connectionMade saw the balancer's).
+            self.peer = describe_peer(self.transport.getPeer())
         factory = self.factory
         factory.metrics.bytes_received.inc(len(data))
         self._last_activity = self._frame_received_at = factory.clock.seconds()
@@ -396,6 +400,7 @@ class TeltonikaProtocol(Protocol):
         log.failure(
             "unexpected error in the session of {imei} ({peer}); closing it",
             failure=failure,
+            level=LogLevel.error,
             imei=self.imei or "-",
             peer=self.peer,
         )

@@ -100,6 +100,19 @@ class Registry(Service):
         d.addErrback(self._failed, "register", imei)
         return self._track(d)
 
+    def register_many(self, imeis: list[str]) -> defer.Deferred[Any]:
+        """Register many IMEIs at once (after a Redis reconnect), in batches of 500."""
+        calls = []
+        for start in range(0, len(imeis), 500):
+            batch = imeis[start : start + 500]
+            args: list[str] = []
+            for imei in batch:
+                args += [imei, self.instance_id]
+            d = self.redis.execute("HSET", REGISTRY_KEY, *args)
+            d.addErrback(self._failed, "register", f"{len(batch)} IMEIs")
+            calls.append(self._track(d))
+        return defer.gatherResults(calls, consumeErrors=True)
+
     def unregister(self, imei: str) -> defer.Deferred[Any]:
         """Remove ``imei`` only if the registry still names this instance (atomic)."""
         d = self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, imei])

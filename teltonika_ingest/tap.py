@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import internet, service
@@ -16,6 +17,8 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from teltonika_ingest import logsetup
+from teltonika_ingest.authority import build_authority, install_sighup
 from teltonika_ingest.commands import CommandRouter
 from teltonika_ingest.config import Config, Options
 from teltonika_ingest.http import operations_site
@@ -54,7 +57,7 @@ def _with_timeout(
 class IngestService(service.MultiService):
     """The whole process: every long-lived part is a child of this service."""
 
-    def __init__(self, config: Config, *, reactor: Any = None) -> None:
+    def __init__(self, config: Config, *, reactor: Any = None, log_observer: Any = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -64,6 +67,10 @@ class IngestService(service.MultiService):
         self.reactor = reactor
         self.metrics = Metrics()
         self.exit_code: int | None = None
+        # twistd's log observer (logsetup.twistd_observer), handed to the Application
+        self.log_observer = log_observer
+        self._stop_counting_errors: Callable[[], None] | None = None
+        self._uninstall_sighup: Callable[[], None] | None = None
 
         # --- Redis (embedded child process when no URL is configured)
         self.embedded: Any = None
@@ -89,6 +96,9 @@ class IngestService(service.MultiService):
         )
         self.registry.setServiceParent(self)
 
+        # --- device authority (allow-list file / Redis set / Luhn); None: everyone
+        self.authority = build_authority(config, self.redis, self.metrics.registry)
+
         # --- publisher and device listener
         self.publisher = Publisher(
             self.redis,
@@ -111,6 +121,7 @@ class IngestService(service.MultiService):
                 max_buffer=config.max_buffer,
                 max_connections=config.max_connections,
             ),
+            authority=self.authority,
         )
         endpoint = endpoints.serverFromString(reactor, config.listen)
         self.listener = internet.StreamServerEndpointService(endpoint, self.factory)
@@ -160,7 +171,22 @@ class IngestService(service.MultiService):
 
     # ------------------------------------------------------------------ start-up
 
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer is not None:
+            # twistd starts logging right after makeService, through this observer
+            logsetup.offer_to_application(parent, self.log_observer)
+
+    def reload(self) -> None:
+        """SIGHUP (systemctl reload): re-read the allow-list file."""
+        if self.authority is not None:
+            self.authority.reload()
+        else:
+            log.info("SIGHUP: no allow list configured, nothing to reload")
+
     def startService(self) -> None:
+        self._stop_counting_errors = logsetup.count_unhandled_errors(self.metrics.unhandled_errors)
+        self._uninstall_sighup = install_sighup(self.reactor, self.reload)
         log.info(
             "teltonika-ingest starting: instance {instance}, devices on {listen}, "
             "operations HTTP on {metrics}, Redis {redis}, stream {stream}",
@@ -201,6 +227,11 @@ class IngestService(service.MultiService):
         # existed, and without the key other instances' janitors would drop our fields.
         if self.registry.running:
             self.registry.beat()
+            # Registrations attempted while Redis was away failed (and a Redis restarted
+            # empty lost them all): register every device we hold again.
+            held = self.factory.held_imeis()
+            if held:
+                self.registry.register_many(held)
 
     def _redis_lost(self, reason: str) -> None:
         self.metrics.redis_up.set(0)
@@ -279,6 +310,10 @@ class IngestService(service.MultiService):
         if watchdog.active():
             watchdog.cancel()
         log.info("shutdown complete")
+        if self._uninstall_sighup is not None:
+            self._uninstall_sighup()
+        if self._stop_counting_errors is not None:
+            self._stop_counting_errors()
 
     def _shutdown_overrun(self) -> None:
         log.critical(
@@ -293,4 +328,7 @@ class IngestService(service.MultiService):
 
 def makeService(options: Options | dict[str, Any]) -> IService:
     config: Config = options.config if isinstance(options, Options) else options["config"]
-    return IngestService(config)
+    observer = logsetup.twistd_observer(
+        config.log_format, config.log_level, getattr(options, "parent", None)
+    )
+    return IngestService(config, log_observer=observer)

@@ -246,3 +246,19 @@ async def test_two_instances_racing_on_one_imei(redis_proc: RedisProcess, tmp_pa
     finally:
         await a.svc.stopService()
         await b.svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_registry_restored_after_redis_reconnect(
+    service: Running, redis_proc: RedisProcess
+) -> None:
+    dev = await service.device()
+    await wait_for(lambda: redis_proc.cmd("HGET", "connections:registry", IMEI) == "test-a")
+    # Redis lost the registry (e.g. restarted empty) and dropped our connections.
+    redis_proc.cmd("DEL", "connections:registry", "instance:heartbeat:test-a")
+    redis_proc.cmd("CLIENT", "KILL", "TYPE", "normal")
+    await wait_for(lambda: redis_proc.cmd("HGET", "connections:registry", IMEI) == "test-a")
+    await wait_for(lambda: redis_proc.cmd("EXISTS", "instance:heartbeat:test-a") == 1)
+    dev.send(avl_frame(1))
+    assert await dev.expect(4) == ack(1)
+    await dev.close()

@@ -1,0 +1,42 @@
+# teltonika-ingest container image.
+#
+#   docker build -t teltonika-ingest .
+#   docker run --read-only -p 5027:5027 -p 9090:9090 \
+#       -e REDIS_URL=redis://redis:6379/0 -e TELTONIKA_INSTANCE_ID=ingest-1 teltonika-ingest
+#
+# Needs an external Redis (REDIS_URL): the image has no redis-server for the embedded one.
+# Stop with `docker stop -t 40` (or stop_grace_period / terminationGracePeriodSeconds above
+# --shutdown-timeout, 30 s): docker's default 10 s cuts the graceful shutdown short.
+
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY teltonika_ingest ./teltonika_ingest
+COPY twisted ./twisted
+# A normal (non-editable) install: the plugin lands in site-packages/twisted/plugins.
+RUN python -m venv /opt/teltonika-ingest/venv \
+    && /opt/teltonika-ingest/venv/bin/pip install --no-cache-dir .
+
+FROM python:3.11-slim
+COPY --from=build /opt/teltonika-ingest/venv /opt/teltonika-ingest/venv
+ENV PATH=/opt/teltonika-ingest/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TELTONIKA_METRICS=tcp:9090 \
+    TELTONIKA_DATA_DIR=/var/lib/teltonika-ingest
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Build Twisted's plugin cache (dropin.cache) now, as root: a read-only, non-root container
+# would otherwise try, and fail noisily, to write it at every start.
+RUN python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+    && twistd --help | grep -q teltonika-ingest \
+    && useradd --system --uid 10001 --user-group --no-create-home \
+        --home-dir /var/lib/teltonika-ingest --shell /usr/sbin/nologin teltonika \
+    && install -d -o teltonika -g teltonika -m 0750 /var/lib/teltonika-ingest
+WORKDIR /var/lib/teltonika-ingest
+USER 10001:10001
+EXPOSE 5027 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/readyz', timeout=4)"]
+STOPSIGNAL SIGTERM
+CMD ["twistd", "-n", "--pidfile=", "teltonika-ingest"]
