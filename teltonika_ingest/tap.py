@@ -328,6 +328,15 @@ class IngestService(service.MultiService):
 
 def makeService(options: Options | dict[str, Any]) -> IService:
     config: Config = options.config if isinstance(options, Options) else options["config"]
+    if config.redis is None:
+        from twisted.python import usage
+
+        from teltonika_ingest.embedded_redis import EmbeddedRedisError, find_redis_server
+
+        try:  # fail start-up with one line, not a traceback from startService
+            find_redis_server()
+        except EmbeddedRedisError as e:
+            raise usage.UsageError(str(e)) from None
     observer = logsetup.twistd_observer(
         config.log_format, config.log_level, getattr(options, "parent", None)
     )
