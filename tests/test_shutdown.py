@@ -32,10 +32,11 @@ def free_port() -> int:
 
 
 class TwistdProcess:
-    def __init__(self, redis: RedisProcess, tmp_path: Path, *extra: str) -> None:
+    def __init__(self, redis: RedisProcess | None, tmp_path: Path, *extra: str) -> None:
         self.device_port = free_port()
         self.http_port = free_port()
         self.log = tmp_path / "twistd.log"
+        redis_args = [] if redis is None else ["--redis-url", f"redis://127.0.0.1:{redis.port}/0"]
         self.argv = [
             TWISTD,
             "-n",
@@ -45,8 +46,7 @@ class TwistdProcess:
             f"tcp:{self.device_port}:interface=127.0.0.1",
             "--metrics",
             f"tcp:{self.http_port}:interface=127.0.0.1",
-            "--redis-url",
-            f"redis://127.0.0.1:{redis.port}/0",
+            *redis_args,
             "--instance-id",
             "shutdown-test",
             "--config",
@@ -55,7 +55,13 @@ class TwistdProcess:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TELTONIKA_", "REDIS_"))}
         self.proc = subprocess.Popen(
-            self.argv, cwd=tmp_path, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
+            self.argv,
+            cwd=tmp_path,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            # as from a terminal: SIGINT at its default even if our parent ignores it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     async def ready(self) -> None:
@@ -180,4 +186,29 @@ async def test_sigterm_with_redis_paused_exits_within_shutdown_timeout(
         assert {iso(ts) for ts in dev.acked} <= {t for _, t in stream_keys(redis_proc)}
     finally:
         redis_proc.resume()
+        svc.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_redis_run_and_ctrl_c(tmp_path: Path) -> None:
+    """README's run command: no Redis configured -> embedded Redis in ./var; Ctrl-C stops all."""
+    svc = TwistdProcess(None, tmp_path)
+    try:
+        await svc.ready()
+        dev = SteadyDevice("356307042441013", start=0)
+        run = defer.ensureDeferred(dev.run(svc.device_port))
+        await wait_for(lambda: len(dev.acked) >= 6)
+        pidfile = tmp_path / "var" / "redis.pid"
+        redis_pid = int(pidfile.read_text().strip())
+        svc.proc.send_signal(signal.SIGINT)
+        status = await svc.exited(timeout=30)
+        await run
+        log = svc.log.read_text()
+        assert status in (0, -signal.SIGINT), log
+        assert "embedded development Redis" in log
+        assert "shutdown complete" in log
+        with pytest.raises(ProcessLookupError):
+            os.kill(redis_pid, 0)  # the embedded Redis stopped with the service
+        assert (tmp_path / "var" / "appendonlydir").is_dir()  # its data persists
+    finally:
         svc.kill()
