@@ -6,7 +6,7 @@ and would refuse a second service built in the same process, e.g. in tests).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Latency buckets sized for loopback Redis publishes (sub-millisecond) up to the
 # publish timeout (seconds).
@@ -38,6 +38,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, open fds, CPU
 
         # --- connections
         self.connections_active = Gauge(
