@@ -177,7 +177,8 @@ async def test_sigterm_with_redis_paused_exits_within_shutdown_timeout(
         status = await svc.exited(timeout=15)
         elapsed = reactor.seconds() - started
         await run
-        assert elapsed < 10, elapsed
+        # --shutdown-timeout 6 plus slack for a loaded 2-core machine
+        assert elapsed < 12, (elapsed, status, svc.log.read_text()[-2000:])
         # Redis cannot answer the unregister step: the budget runs out -> status 1
         assert status == 1, svc.log.read_text()
         assert "exiting with status 1" in svc.log.read_text()
