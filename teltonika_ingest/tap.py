@@ -196,6 +196,7 @@ class IngestService(service.MultiService):
             redis=self.config.redis.describe() if self.config.redis else "embedded",
             stream=self.config.stream,
         )
+        raise_open_files_limit()
         super().startService()
         self.listening = defer.gatherResults(
             [self._bound(self.listener, "devices"), self._bound(self.http, "operations HTTP")]
@@ -324,6 +325,29 @@ class IngestService(service.MultiService):
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(1)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one: each device is a file descriptor,
+    and the usual soft limit of 1024 would cap the fleet per instance. Returns (soft, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-files limit raised from {soft} to {target}", soft=soft, target=target)
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warn("could not raise the open-files limit ({soft}): {error}", soft=soft, error=e)
+    if soft < 4096:
+        log.warn(
+            "open-files limit is {soft}: this instance can hold at most about that many devices "
+            "(raise LimitNOFILE / ulimit -n)",
+            soft=soft,
+        )
+    return soft, hard
 
 
 def makeService(options: Options | dict[str, Any]) -> IService:
