@@ -172,6 +172,13 @@ async def test_sigterm_with_redis_paused_exits_within_shutdown_timeout(
         run = defer.ensureDeferred(dev.run(svc.device_port))
         await wait_for(lambda: len(dev.acked) >= 3)
         redis_proc.pause()
+
+        async def publish_stuck() -> bool:
+            _, body = await http_get(f"http://127.0.0.1:{svc.http_port}/metrics")
+            return b"teltonika_publish_inflight 1.0" in body
+
+        # a packet is waiting on the paused Redis: the drain step must wait for it
+        await wait_for(publish_stuck, timeout=10)
         started = reactor.seconds()
         svc.proc.send_signal(signal.SIGTERM)
         status = await svc.exited(timeout=15)
