@@ -123,6 +123,7 @@ class IngestService(service.MultiService):
             ),
             authority=self.authority,
         )
+        self.factory.log_packets = config.log_level == "debug"
         endpoint = endpoints.serverFromString(reactor, config.listen)
         self.listener = internet.StreamServerEndpointService(endpoint, self.factory)
         # The device port not binding is fatal: fail start-up instead of running deaf.
