@@ -9,6 +9,7 @@ session's point of view; failures are logged and counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -72,6 +73,8 @@ class Registry(Service):
         self._janitor.clock = clock
         self._sweeping: defer.Deferred[int] | None = None
         self._pending: set[defer.Deferred[Any]] = set()
+        #: per IMEI, fires when its last registry write has been answered
+        self._tails: dict[str, defer.Deferred[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,9 +99,12 @@ class Registry(Service):
     # ------------------------------------------------------------------ registry
 
     def register(self, imei: str) -> defer.Deferred[Any]:
-        d = self.redis.execute("HSET", REGISTRY_KEY, imei, self.instance_id)
-        d.addErrback(self._failed, "register", imei)
-        return self._track(d)
+        def send() -> defer.Deferred[Any]:
+            d = self.redis.execute("HSET", REGISTRY_KEY, imei, self.instance_id)
+            d.addErrback(self._failed, "register", imei)
+            return d
+
+        return self._track(self._in_order(imei, send))
 
     def register_many(self, imeis: list[str]) -> defer.Deferred[Any]:
         """Register many IMEIs at once (after a Redis reconnect), in batches of 500."""
@@ -115,9 +121,41 @@ class Registry(Service):
 
     def unregister(self, imei: str) -> defer.Deferred[Any]:
         """Remove ``imei`` only if the registry still names this instance (atomic)."""
-        d = self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, imei])
-        d.addErrback(self._failed, "unregister", imei)
-        return self._track(d)
+
+        def send() -> defer.Deferred[Any]:
+            d = self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, imei])
+            d.addErrback(self._failed, "unregister", imei)
+            return d
+
+        return self._track(self._in_order(imei, send))
+
+    def _in_order(self, imei: str, send: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+        """Send this IMEI's registry write only once its previous one was answered.
+
+        A device that closes and reconnects to this instance produces an unregister
+        (compare-and-delete) then a register (HSET). Sent back to back they can be served
+        in the other order (pooled connections, or the NOSCRIPT retry of the script), and
+        the compare-and-delete would then remove the live registration.
+        """
+        previous = self._tails.get(imei)
+        if previous is None:
+            d = send()
+        else:
+            d = defer.Deferred()
+
+            def go(_: Any) -> None:
+                send().chainDeferred(d)
+
+            previous.addCallback(go)
+        tail = _observe(d)
+        self._tails[imei] = tail
+
+        def forget(_: Any) -> None:
+            if self._tails.get(imei) is tail:
+                del self._tails[imei]
+
+        tail.addCallback(forget)
+        return d
 
     def _track(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
         self._pending.add(d)
