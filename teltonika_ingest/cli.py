@@ -18,6 +18,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "teltonika_ingest.decode_cmd",
     "teltonika_ingest.command_cmd",
     "teltonika_ingest.dlq_cmd",
+    "teltonika_ingest.simulate_cmd",
+    "teltonika_ingest.verify_cmd",
 )
 
 
