@@ -268,26 +268,27 @@ class TeltonikaProtocol(Protocol):
         received_at = self._frame_received_at
         imei = self.imei or ""
         d = factory.publisher.publish(imei, frame.packet, int(factory.clock.seconds() * 1000))
+        # Only what the ACK needs rides along: the decoded records are released as soon as
+        # the payloads are built, not held while Redis answers.
         d.addCallbacks(
             self._published,
             self._publish_failed,
-            callbackArgs=(frame, received_at),
+            callbackArgs=(frame.packet.codec, len(frame.packet.records), received_at),
         ).addErrback(self._session_error)
 
-    def _published(self, _count: Any, frame: AvlFrame, received_at: float) -> None:
+    def _published(self, _count: Any, codec: str, records: int, received_at: float) -> None:
         session = self._session()
         if session.state is not State.PUBLISHING:
             return  # connection closed meanwhile: no ACK; the device will resend
         factory = self.factory
-        records = len(frame.packet.records)
-        factory.hot_metrics(frame.packet.codec)[1].inc(records)
+        factory.hot_metrics(codec)[1].inc(records)
         self._run(session.published())
         factory.metrics.ack_latency.observe(factory.clock.seconds() - received_at)
         if factory.log_packets:  # per-packet debug costs ~5 % of the hot path: only when asked
             log.debug(
                 "ACKed {records} records ({codec}) for {imei}",
                 records=records,
-                codec=frame.packet.codec,
+                codec=codec,
                 imei=self.imei,
             )
 

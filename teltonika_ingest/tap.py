@@ -198,6 +198,7 @@ class IngestService(service.MultiService):
             stream=self.config.stream,
         )
         raise_open_files_limit()
+        tune_garbage_collector()
         super().startService()
         self.listening = defer.gatherResults(
             [self._bound(self.listener, "devices"), self._bound(self.http, "operations HTTP")]
@@ -326,6 +327,17 @@ class IngestService(service.MultiService):
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(1)
+
+
+def tune_garbage_collector() -> None:
+    """Collect less often: the default thresholds ran a full collection every few hundred
+    packets, 40-130 ms each, and every event-loop stall above 15 ms followed one (profile in
+    docs/profile.md; CPU per packet -18 %). What exists at start-up is frozen out of the
+    collector's reach."""
+    import gc
+
+    gc.set_threshold(50_000, 20, 100)
+    gc.freeze()
 
 
 def raise_open_files_limit() -> tuple[int, int]:
