@@ -12,10 +12,11 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
 from teltonika_ingest.metrics import Metrics
@@ -84,6 +85,7 @@ def describe_peer(address: IAddress) -> str:
     return str(address)
 
 
+@implementer(IPushProducer)
 class TeltonikaProtocol(Protocol):
     factory: TeltonikaFactory
 
@@ -115,6 +117,10 @@ class TeltonikaProtocol(Protocol):
             self._idle_timer = clock.callLater(settings.idle_timeout, self._idle_check)
         factory.connection_opened(self)
         log.debug("device connected from {peer}", peer=self.peer)
+        # Back-pressure: when our writes to this device (ACKs) pile up because it does not
+        # read, the transport pauses us and we stop reading its packets, so nothing more is
+        # published or ACKed for it until it reads again: its buffer stays bounded.
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if factory.draining:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -140,12 +146,27 @@ class TeltonikaProtocol(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._handshake_timer = self._idle_timer = self._abort_timer = None
+        if self.transport is not None and getattr(self.transport, "producer", None) is self:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
         if self.session is not None:
             try:
                 self._run(self.session.close("disconnected", reason.getErrorMessage()))
             except Exception:
                 self._session_error(Failure())
         self.factory.connection_closed(self)
+
+    # ------------------------------------------------------------------ IPushProducer
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None and not self._closing and not self.factory.draining:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass
 
     # ------------------------------------------------------------------ commands (router API)
 

@@ -84,9 +84,20 @@ class IngestService(service.MultiService):
         self.redis = RedisClient(target, reactor=reactor, command_timeout=config.publish_timeout)
         self.redis.setServiceParent(self)
 
-        # --- registry + heartbeat + janitor
+        # --- registry + heartbeat + janitor, on a connection of their own: Redis serves one
+        # connection's commands in order, so a device's unregister (compare-and-delete) can
+        # never be overtaken by its re-registration, even when the first one timed out and
+        # is still queued in a stalled Redis (the pool's two connections could reorder them).
+        self.registry_redis = RedisClient(
+            target,
+            reactor=reactor,
+            command_timeout=config.publish_timeout,
+            poolsize=1,
+            name="redis-registry",
+        )
+        self.registry_redis.setServiceParent(self)
         self.registry = Registry(
-            self.redis,
+            self.registry_redis,
             instance_id=config.instance_id,
             metrics=self.metrics,
             clock=reactor,
@@ -169,6 +180,7 @@ class IngestService(service.MultiService):
 
         self.redis.connection_made_hooks.append(self._redis_connected)
         self.redis.connection_lost_hooks.append(self._redis_lost)
+        self.registry_redis.connection_made_hooks.append(self._registry_connected)
 
     # ------------------------------------------------------------------ start-up
 
@@ -226,6 +238,8 @@ class IngestService(service.MultiService):
     def _redis_connected(self) -> None:
         self.metrics.redis_up.set(1)
         log.info("Redis connected ({redis})", redis=self.redis.redis_state())
+
+    def _registry_connected(self) -> None:
         # Beat at once: the first beat at start-up may have failed before the connection
         # existed, and without the key other instances' janitors would drop our fields.
         if self.registry.running:
@@ -308,6 +322,7 @@ class IngestService(service.MultiService):
         await self.http.stopService()
         log.info("shutdown: 6/6 close Redis")
         await self.redis.stopService()
+        await self.registry_redis.stopService()
         if self.embedded is not None:
             await self.embedded.stopService()
         if watchdog.active():

@@ -101,6 +101,7 @@ class Framer:
     # ------------------------------------------------------------------ internals
 
     def _fail(self, error: CodecError) -> FrameError:
+        error = _detached(error)
         error.fatal = True
         self._state = _FAILED
         self._buf = bytearray()
@@ -217,4 +218,14 @@ def _decode_frame(frame: bytes) -> FramerEvent:
             return CommandFrame(decode_command_data(data, HEADER_SIZE), frame)
         raise UnknownCodec(codec_id, offset=HEADER_SIZE)
     except CodecError as exc:
-        return FrameError(exc, frame, codec_id, declared)
+        return FrameError(_detached(exc), frame, codec_id, declared)
+
+
+def _detached(error: CodecError) -> CodecError:
+    """The error without its traceback and chained exceptions: returned as an event it
+    would otherwise keep the raising frames (and through them the caller's protocol and
+    transport) alive in a reference cycle that only the cyclic GC frees."""
+    error.__traceback__ = None
+    error.__cause__ = None
+    error.__context__ = None
+    return error
