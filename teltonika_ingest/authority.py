@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from teltonika_ingest.codec.imei import luhn_digit
 from teltonika_ingest.redisclient import RedisClient
 
 __all__ = [
@@ -63,15 +64,7 @@ def luhn_valid(imei: str) -> bool:
     first 14 (the IMEI check digit, 3GPP TS 23.003)."""
     if len(imei) != IMEI_DIGITS or not imei.isascii() or not imei.isdigit():
         return False
-    total = 0
-    for position, char in enumerate(reversed(imei)):
-        digit = ord(char) - 48
-        if position % 2 == 1:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return total % 10 == 0
+    return luhn_digit(imei[:-1]) == int(imei[-1])
 
 
 # --------------------------------------------------------------------------- file parsing

@@ -46,7 +46,9 @@ import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any
+
+from teltonika_ingest.redisclient import RedisTargetLike
 
 __all__ = [
     "AckLog",
@@ -264,19 +266,6 @@ class AckLogWriter:
 
 
 # --------------------------------------------------------------------------- a blocking client
-
-
-class RedisTargetLike(Protocol):
-    @property
-    def host(self) -> str | None: ...
-    @property
-    def port(self) -> int | None: ...
-    @property
-    def unix_path(self) -> str | None: ...
-    @property
-    def db(self) -> int: ...
-    @property
-    def password(self) -> str | None: ...
 
 
 class SyncRedisError(Exception):

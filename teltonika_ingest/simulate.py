@@ -68,6 +68,7 @@ from teltonika_ingest.codec import (
     encode_udp_datagram,
     wrap_frame,
 )
+from teltonika_ingest.codec.imei import luhn_digit
 
 __all__ = [
     "CODEC_CHOICES",
@@ -165,19 +166,6 @@ class SimConfig:
         if self.duration is not None:
             return self.ramp_up + self.duration + self.ack_timeout + 30.0
         return 600.0
-
-
-def luhn_digit(body: str) -> int:
-    """The Luhn check digit completing ``body`` (IMEIs end with one)."""
-    total = 0
-    for index, char in enumerate(reversed(body)):
-        digit = ord(char) - 48
-        if index % 2 == 0:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return (10 - total % 10) % 10
 
 
 def imei_for(base: int, index: int) -> str:

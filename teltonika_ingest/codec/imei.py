@@ -82,3 +82,16 @@ def encode_imei(imei: str) -> bytes:
     if len(raw) > 0xFFFF:
         raise ValueError("IMEI longer than 65535 bytes")
     return len(raw).to_bytes(2, "big") + raw
+
+
+def luhn_digit(body: str) -> int:
+    """The Luhn check digit completing ``body`` (IMEIs end with one)."""
+    total = 0
+    for index, char in enumerate(reversed(body)):
+        digit = ord(char) - 48
+        if index % 2 == 0:
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return (10 - total % 10) % 10
