@@ -254,11 +254,16 @@ async def test_registry_restored_after_redis_reconnect(
 ) -> None:
     dev = await service.device()
     await wait_for(lambda: redis_proc.cmd("HGET", "connections:registry", IMEI) == "test-a")
+    lost: list[str] = []
+    service.svc.redis.connection_lost_hooks.append(lost.append)
     # Redis lost the registry (e.g. restarted empty) and dropped our connections.
     redis_proc.cmd("DEL", "connections:registry", "instance:heartbeat:test-a")
     redis_proc.cmd("CLIENT", "KILL", "TYPE", "normal")
     await wait_for(lambda: redis_proc.cmd("HGET", "connections:registry", IMEI) == "test-a")
     await wait_for(lambda: redis_proc.cmd("EXISTS", "instance:heartbeat:test-a") == 1)
+    # the publisher's own connection was killed too: a packet sent before it is back would
+    # (rightly) not be ACKed
+    await wait_for(lambda: lost and service.svc.redis.connected)
     dev.send(avl_frame(1))
     assert await dev.expect(4) == ack(1)
     await dev.close()
