@@ -525,6 +525,7 @@ class _Device:
         self.next_due = 0.0  # paced: when the next packet is due (reactor time)
         self.timer = None
         self.last_ts = 0
+        self.pending_ts = 0  # timestamp of the first record of the packet in flight
         self.finished = False
 
     # -- schedule
@@ -574,6 +575,7 @@ class _Device:
         if first <= self.last_ts:
             first = self.last_ts + 1
         self.last_ts = first + count - 1
+        self.pending_ts = first
         return first
 
     def _acked(self, count: int) -> None:
@@ -586,6 +588,8 @@ class _Device:
             return
         stats.packets_acked += 1
         stats.records_acked += count
+        if sim.on_ack is not None:  # record i of the packet is stamped pending_ts + i
+            sim.on_ack(self.imei, self.pending_ts, count)
         stats.latency.add(latency)
         if sim.steady_from <= self.sent_at < sim.steady_until:
             stats.steady_latency.add(latency)
@@ -1015,6 +1019,7 @@ class Simulation:
         reactor: Any = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         on_command: Callable[[str, CommandMessage], None] | None = None,
+        on_ack: Callable[[str, int, int], None] | None = None,
         answer: Callable[[str, str], bytes] = default_answer,
     ) -> None:
         config.validate()
@@ -1027,6 +1032,8 @@ class Simulation:
         self.clock = reactor
         self.progress = progress
         self.on_command = on_command
+        #: called with (imei, first record timestamp ms, record count) for every ACKed packet
+        self.on_ack = on_ack
         self.answer = answer
         self.rnd = random.Random(config.seed + config.first_device)
         self.stats = Stats()

@@ -175,6 +175,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--json", action="store_true", help="summary as one JSON object on stdout")
     output.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     output.add_argument(
+        "--ack-log",
+        metavar="FILE",
+        help="append every ACKed record to FILE (JSON lines: imei, record timestamps, ACK "
+        "time), for teltonika-ingest verify",
+    )
+    output.add_argument(
         "--progress-interval", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS
     )
     # Set by --processes for its children.
@@ -300,7 +306,19 @@ def _run_load(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write(_fmt_progress(p) + "\n")
         err.flush()
 
-    sim = Simulation(config, reactor=reactor, progress=None if args.quiet else progress)
+    ack_log: Any = None
+    on_ack = None
+    if getattr(args, "ack_log", None):
+        from teltonika_ingest.invariant import AckLogWriter
+
+        ack_log = AckLogWriter(args.ack_log)
+
+        def on_ack(imei: str, first_ts: int, count: int) -> None:
+            ack_log.write(imei, range(first_ts, first_ts + count))
+
+    sim = Simulation(
+        config, reactor=reactor, progress=None if args.quiet else progress, on_ack=on_ack
+    )
     result: dict[str, Any] = {}
 
     def done(summary: dict[str, Any]) -> None:
@@ -331,6 +349,8 @@ def _run_load(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if ack_log is not None:
+            ack_log.close()
     if not result:
         err.write("error: the simulation did not finish\n")
         return 1
@@ -382,6 +402,8 @@ def _child_argv(args: argparse.Namespace, first: int, count: int, total: int) ->
         argv += ["--answer-commands"]
     if args.quiet:
         argv += ["--quiet"]
+    if args.ack_log:
+        argv += ["--ack-log", args.ack_log]  # whole lines, O_APPEND: processes share it
     return argv
 
 

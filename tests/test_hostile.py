@@ -38,15 +38,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_faults import (
-    AckRecorder,
-    Fleet,
-    ServiceProcess,
-    check_invariant,
-    emit_figures,
-    quantile,
-    redis_target,
-)
 from twisted.internet import defer, endpoints, protocol, reactor, task
 
 from teltonika_ingest.codec import (
@@ -66,6 +57,15 @@ from teltonika_ingest.protocol import SessionSettings, TeltonikaFactory
 from device import DeviceProtocol, connect_device, deferLater, expect_frame, wait_for
 from redisproc import RedisProcess
 from support import avl_frame
+from test_faults import (
+    AckRecorder,
+    Fleet,
+    ServiceProcess,
+    check_invariant,
+    emit_figures,
+    quantile,
+    redis_target,
+)
 
 pytestmark = pytest.mark.integration
 

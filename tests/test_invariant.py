@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 from pathlib import Path
 
 import orjson
 import pytest
+import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -319,3 +321,40 @@ def test_writers_of_several_processes_share_one_log(tmp_path: Path) -> None:
         w.close()
     log = read_ack_log([path])
     assert log.records == 600 and log.lines == 300
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_simulator_ack_log_verifies_end_to_end(
+    redis_session: RedisProcess, tmp_path: Path
+) -> None:
+    """``simulate --ack-log`` (two processes sharing the file) against the service, then
+    ``verify``: every ACKed record is in the stream."""
+    import sys
+
+    from twisted.internet import utils
+
+    from test_service_integration import start
+
+    running = await start(redis_session, tmp_path)
+    try:
+        log_path = tmp_path / "acks.log"
+        argv = [
+            "-m", "teltonika_ingest.simulate_cmd", "--port", str(running.device_port),
+            "--devices", "6", "--packets", "5", "--records", "3", "--processes", "2",
+            "--ack-log", str(log_path), "--json", "--quiet",
+        ]  # fmt: skip
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable,
+            argv,
+            env=dict(os.environ),
+            path=str(tmp_path),
+        )
+        assert code == 0, err.decode()
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert summary["records_acked"] == 90
+        report = verify(_target(redis_session), [log_path])
+        assert report.ok and report.acked_records == 90 and report.acked_imeis == 6
+        assert report.acked_unique == 90 and report.stream_entries == 90
+    finally:
+        await running.svc.stopService()
