@@ -54,7 +54,7 @@ def redis_target(args: argparse.Namespace) -> Any:
         raise CliError(
             "no Redis URL: pass --redis-url, set REDIS_URL, or set redis-url in the service's "
             "config file (for the embedded development Redis, its unix socket in the data "
-            "directory, e.g. --redis-url unix://./var/redis.sock)"
+            "directory, e.g. --redis-url unix://$PWD/var/redis.sock)"
         )
     return config.redis
 
