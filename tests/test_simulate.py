@@ -535,8 +535,8 @@ def _simulate_argv() -> list[str]:
 @pytest.fixture
 def twistd_service(redis_session: RedisProcess, tmp_path: Path) -> Iterator[int]:
     twistd = BIN / "twistd"
-    if not twistd.exists() or shutil.which("redis-server") is None:
-        pytest.skip("twistd or redis-server not available")
+    assert twistd.exists(), f"{twistd} missing: install the project (make test does)"
+    assert shutil.which("redis-server"), "redis-server not on PATH"
     port, http = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELTONIKA_", "REDIS_"))}
     log = tmp_path / "twistd.out"
