@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import orjson
 import pytest
 import pytest_twisted
@@ -25,13 +24,11 @@ from teltonika_ingest.codec import (
     CommandMessage,
     decode_command_frame,
     encode_command_message,
-    encode_imei,
 )
 from teltonika_ingest.commands import GROUP, RECORD_OUTCOME, RESULTS_KEY, CommandRouter
-from teltonika_ingest.config import Config
-from teltonika_ingest.tap import IngestService
 
-from device import DeviceProtocol, connect_device, expect_frame, http_get, wait_for
+import test_service_integration as service_integration
+from device import expect_frame, http_get, wait_for
 from redisproc import RedisProcess
 
 pytestmark = pytest.mark.integration
@@ -43,67 +40,23 @@ ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 _ids = itertools.count(1)
 
 
-class Running:
-    def __init__(self, svc: IngestService, device_port: int, http_port: int) -> None:
-        self.svc = svc
-        self.device_port = device_port
-        self.http_port = http_port
-        wired = [s for s in svc if isinstance(s, CommandRouter)]
-        self.attached_here = not wired
-        if wired:
-            self.router = wired[0]
-        else:
-            # tap.py does not build the router (yet): attach one exactly as documented there.
-            config = svc.config
-            self.router = CommandRouter(
-                svc.factory,
-                target=config.redis,
-                writer=svc.redis,
-                instance_id=config.instance_id,
-                reactor=reactor,
-                default_timeout=config.command_timeout,
-                max_command_length=config.max_command_length,
-            )
-            self.router.setServiceParent(svc)
+class Running(service_integration.Running):
+    """The in-process service, with its command router at hand."""
 
-    async def device(self, imei: str = IMEI) -> DeviceProtocol:
-        dev = await connect_device(self.device_port)
-        dev.send(encode_imei(imei))
-        assert await dev.expect(1) == b"\x01"
-        return dev
-
-    def sample(self, name: str, **labels: str) -> float:
-        value = self.svc.metrics.registry.get_sample_value(name, labels or None)
-        return 0.0 if value is None else value
+    @property
+    def router(self) -> CommandRouter:
+        router: CommandRouter = self.svc.commands
+        return router
 
     async def stop(self) -> None:
-        if self.attached_here:
-            await self.router.stopService()
         await self.svc.stopService()
-        if self.attached_here:
-            await self.router.drain(timeout=1.0)
 
 
 async def start(redis: RedisProcess, tmp_path: Path, *args: str, **overrides: Any) -> Running:
-    config = Config.from_args(
-        [
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--metrics", "tcp:0:interface=127.0.0.1",
-            "--redis-url", f"redis://127.0.0.1:{redis.port}/0",
-            "--instance-id", "test-a",
-            "--publish-timeout", "1",
-            *args,
-        ],
-        environ={},
-        cwd=tmp_path,
-    )  # fmt: skip
-    if overrides:
-        config = attrs.evolve(config, **overrides)
-    svc = IngestService(config)
-    svc.startService()
-    device_port, http_port = await svc.listening
-    running = Running(svc, device_port.getHost().port, http_port.getHost().port)
-    await wait_for(lambda: svc.redis.connected)
+    running = await service_integration.start(
+        redis, tmp_path, *args, running_cls=Running, **overrides
+    )
+    assert isinstance(running, Running)
     return running
 
 

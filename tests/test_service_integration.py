@@ -51,7 +51,13 @@ class Running:
         return 0.0 if value is None else value
 
 
-async def start(redis: RedisProcess, tmp_path: Path, *args: str, **overrides: Any) -> Running:
+async def start(
+    redis: RedisProcess,
+    tmp_path: Path,
+    *args: str,
+    running_cls: type[Running] = Running,
+    **overrides: Any,
+) -> Running:
     config = Config.from_args(
         [
             "--listen",
@@ -74,7 +80,7 @@ async def start(redis: RedisProcess, tmp_path: Path, *args: str, **overrides: An
     svc = IngestService(config)
     svc.startService()
     device_port, http_port = await svc.listening
-    running = Running(svc, device_port.getHost().port, http_port.getHost().port)
+    running = running_cls(svc, device_port.getHost().port, http_port.getHost().port)
     await wait_for(lambda: svc.redis.connected)
     return running
 
