@@ -9,8 +9,12 @@ the rounds and the range. Bounded: about 10 s with the defaults.
 Cases
   decode 8 / 8E / 16    decode_avl_frame(frame): CRC + records into AvlRecord objects
   decode 8E mixed       the same, but consecutive records never share a layout
-  framer 8E             Framer.feed(frame) + next_event() until None
+  framer 8E             Framer.feed(frame) + next_event() until None (CRC, then the compiled
+                        path's payload pieces when the C extension is built)
   payload 8E            record_payload() per record (JSON for the stream)
+  to payloads 8E, Python    what the service does per frame without the C extension:
+                        decode_avl_frame + record_payload per record
+  to payloads 8E, compiled  the same with it: payload_parts + payloads_from_parts
   format_timestamp      per call
   calibration           a fixed pure-Python loop (to compare machines and runs)
 """
@@ -32,12 +36,14 @@ from teltonika_ingest.codec import (
     AvlPacket,
     AvlRecord,
     Framer,
+    accel,
     decode_avl_frame,
     encode_avl_frame,
     encode_imei,
     format_timestamp,
     record_payload,
 )
+from teltonika_ingest.codec.payload import payloads_from_parts
 
 RECORDS_PER_FRAME = 10
 GROUP_SIZES = {1: 8, 2: 7, 4: 5, 8: 3}  # 23 IO elements
@@ -146,6 +152,21 @@ def cases() -> list[tuple[str, Callable[[], object], int]]:
             record_payload(record, "356307042441013", "8E", received_at)
 
     out.append(("payload 8E", payloads, RECORDS_PER_FRAME))
+
+    def python_payloads() -> None:
+        packet = decode_avl_frame(frame_8e)
+        for record in packet.records:
+            record_payload(record, "356307042441013", "8E", received_at)
+
+    out.append(("to payloads 8E, Python", python_payloads, RECORDS_PER_FRAME))
+    compiled = accel.payload_parts
+    if compiled is not None:
+        data_8e = frame_8e[8:-4]
+
+        def compiled_payloads() -> None:
+            payloads_from_parts("356307042441013", received_at, compiled(data_8e)[2])
+
+        out.append(("to payloads 8E, compiled", compiled_payloads, RECORDS_PER_FRAME))
     out.append(("format_timestamp", lambda: format_timestamp(1_700_000_012_345), 1))
     out.append(("calibration", calibration_loop, 1))
     return out
@@ -179,6 +200,7 @@ def run(repeat: int, seconds: float) -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "machine": platform.machine(),
         "gc_enabled": gc.isenabled(),
+        "compiled_path": accel.compiled_path_status(),
         "repeat": repeat,
         "seconds_per_repeat": seconds,
         "records_per_frame": RECORDS_PER_FRAME,

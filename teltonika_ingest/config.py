@@ -257,10 +257,13 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "TELTONIKA_MAX_INFLIGHT",
         "1024",
         "positive-int",
-        "publishes in flight at once across the process; a packet beyond that is not ACKed "
-        "(teltonika_publish_overflow_total)",
-        why="enough to keep Redis pipelined under thousands of devices; when Redis stalls, "
-        "memory stays bounded and devices keep their data and resend.",
+        "packets handed to Redis and not yet confirmed, across the process; beyond that "
+        "packets wait and reading from devices pauses until the backlog is gone "
+        "(teltonika_publish_backpressure_total); a packet arriving while as many wait again "
+        "is not ACKed (teltonika_publish_overflow_total)",
+        why="enough to keep Redis busy under thousands of devices; when Redis or this process "
+        "falls behind, devices wait with their data instead of being refused and reconnecting, "
+        "and memory stays bounded.",
     ),
     OptionSpec(
         "udp-dedup-window",

@@ -125,6 +125,8 @@ def _received_ms(received_at: str) -> int:
 
 
 async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
     from teltonika_ingest.codec import AVL_CODECS, CodecError, decode_avl_frame
     from teltonika_ingest.metrics import Metrics
     from teltonika_ingest.publisher import Publisher
@@ -136,7 +138,7 @@ async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
         maxlen=args.maxlen,
         max_inflight=1,
         metrics=Metrics(),
-        clock=_NoClock(),  # type: ignore[arg-type]
+        clock=reactor,
         instance_id="dlq-replay",
     )
     replayed = still_failing = skipped = 0
@@ -178,10 +180,3 @@ async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
     )
     sys.stdout.flush()
     return 0 if still_failing == 0 else 2
-
-
-class _NoClock:
-    """The publisher's clock only times publishes (a metric nobody reads here)."""
-
-    def seconds(self) -> float:
-        return 0.0

@@ -121,12 +121,22 @@ class Metrics:
         )
         self.publish_overflow = Counter(
             "teltonika_publish_overflow_total",
-            "Packets refused because --max-inflight publishes were already in flight.",
+            "Packets refused because --max-inflight publishes were in flight and as many waiting.",
             registry=registry,
         )
         self.publish_inflight = Gauge(
             "teltonika_publish_inflight",
-            "Publishes currently awaiting Redis.",
+            "Packets handed to Redis and not yet confirmed.",
+            registry=registry,
+        )
+        self.publish_waiting = Gauge(
+            "teltonika_publish_waiting",
+            "Packets waiting for an in-flight slot (--max-inflight reached; reading paused).",
+            registry=registry,
+        )
+        self.publish_backpressure = Counter(
+            "teltonika_publish_backpressure_total",
+            "Times reading from devices was paused: --max-inflight publishes in flight.",
             registry=registry,
         )
         self.ack_latency = Histogram(

@@ -99,6 +99,7 @@ class TeltonikaProtocol(Protocol):
         self._last_activity = 0.0
         self._frame_received_at = 0.0
         self._closing = False
+        self._write_blocked = False
 
     # ------------------------------------------------------------------ Twisted callbacks
 
@@ -121,7 +122,7 @@ class TeltonikaProtocol(Protocol):
         # read, the transport pauses us and we stop reading its packets, so nothing more is
         # published or ACKed for it until it reads again: its buffer stays bounded.
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
-        if factory.draining:
+        if factory.draining or factory.reading_paused:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
@@ -157,12 +158,28 @@ class TeltonikaProtocol(Protocol):
 
     # ------------------------------------------------------------------ IPushProducer
 
+    # The transport pauses us when the device does not read its ACKs (its write buffer is
+    # full); the factory pauses every connection when publishes back up (``reading_paused``)
+    # or at shutdown (``draining``). Reading resumes only when none of them holds.
+
     def pauseProducing(self) -> None:
+        self._write_blocked = True
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
-        if self.transport is not None and not self._closing and not self.factory.draining:
+        self._write_blocked = False
+        self.resume_reading()
+
+    def resume_reading(self) -> None:
+        factory = self.factory
+        if (
+            self.transport is not None
+            and not self._closing
+            and not self._write_blocked
+            and not factory.draining
+            and not factory.reading_paused
+        ):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
@@ -285,16 +302,17 @@ class TeltonikaProtocol(Protocol):
 
     def _publish(self, frame: AvlFrame) -> None:
         factory = self.factory
-        factory.hot_metrics(frame.packet.codec)[0].inc()
+        codec = frame.codec
+        factory.hot_metrics(codec)[0].inc()
         received_at = self._frame_received_at
         imei = self.imei or ""
-        d = factory.publisher.publish(imei, frame.packet, int(factory.clock.seconds() * 1000))
+        d = factory.publisher.publish_frame(imei, frame, int(factory.clock.seconds() * 1000))
         # Only what the ACK needs rides along: the decoded records are released as soon as
         # the payloads are built, not held while Redis answers.
         d.addCallbacks(
             self._published,
             self._publish_failed,
-            callbackArgs=(frame.packet.codec, len(frame.packet.records), received_at),
+            callbackArgs=(codec, frame.record_count, received_at),
         ).addErrback(self._session_error)
 
     def _published(self, _count: Any, codec: str, records: int, received_at: float) -> None:
@@ -459,6 +477,9 @@ class TeltonikaFactory(Factory):
         self.connections: set[TeltonikaProtocol] = set()
         self.by_imei: dict[str, TeltonikaProtocol] = {}
         self.draining = False
+        #: reading from every device paused: publishes backed up to --max-inflight
+        self.reading_paused = False
+        self.read_pauses = 0
         #: log one debug line per ACKed packet (set from --log-level debug)
         self.log_packets = False
         self._hot: dict[str, tuple[Any, Any]] = {}
@@ -541,6 +562,28 @@ class TeltonikaFactory(Factory):
             self.commands.device_message(imei, message, unsolicited)
 
     # ------------------------------------------------------------------ shutdown
+
+    def publish_pressure(self, on: bool) -> None:
+        """The publisher's back-pressure (``Publisher.pressure_hooks``): stop reading from
+        every device while packets wait for an in-flight slot, resume once the backlog is
+        gone. Devices keep their data meanwhile (each waits for its ACK), and a paused socket
+        holds what it has in the kernel instead of in this process."""
+        if on == self.reading_paused:
+            return
+        self.reading_paused = on
+        if on:
+            self.read_pauses += 1
+            log.debug(
+                "publishes backed up to --max-inflight: pausing reads from {n} devices",
+                n=len(self.connections),
+            )
+            for proto in self.connections:
+                if proto.transport is not None:
+                    proto.transport.pauseProducing()  # type: ignore[attr-defined]
+        else:
+            log.debug("publish backlog gone: resuming reads")
+            for proto in list(self.connections):
+                proto.resume_reading()
 
     def stop_reading(self) -> None:
         """Shutdown step 2: take no new packets (in-flight publishes still finish)."""

@@ -304,7 +304,7 @@ class Session:
                 break
             if type(event) is AvlFrame:
                 self.state = State.PUBLISHING
-                self._ack_after_publish = len(event.packet.records)
+                self._ack_after_publish = event.record_count
                 actions.append(Publish(event))
             elif type(event) is KeepAlive:
                 actions.append(KeepAliveSeen())

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from teltonika_ingest import logsetup
 from teltonika_ingest.authority import build_authority, install_sighup
+from teltonika_ingest.codec.accel import compiled_path_status
 from teltonika_ingest.commands import CommandRouter
 from teltonika_ingest.config import Config, Options
 from teltonika_ingest.http import operations_site
@@ -135,6 +136,7 @@ class IngestService(service.MultiService):
             authority=self.authority,
         )
         self.factory.log_packets = config.log_level == "debug"
+        self.publisher.pressure_hooks.append(self.factory.publish_pressure)
         endpoint = endpoints.serverFromString(reactor, config.listen)
         self.listener = internet.StreamServerEndpointService(endpoint, self.factory)
         # The device port not binding is fatal: fail start-up instead of running deaf.
@@ -202,8 +204,10 @@ class IngestService(service.MultiService):
         self._uninstall_sighup = install_sighup(self.reactor, self.reload)
         log.info(
             "teltonika-ingest starting: instance {instance}, devices on {listen}, "
-            "operations HTTP on {metrics}, Redis {redis}, stream {stream}",
+            "operations HTTP on {metrics}, Redis {redis}, stream {stream}, "
+            "compiled decoder {compiled}",
             instance=self.config.instance_id,
+            compiled=compiled_path_status(),
             listen=self.config.listen,
             metrics=self.config.metrics,
             redis=self.config.redis.describe() if self.config.redis else "embedded",

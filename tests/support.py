@@ -78,6 +78,9 @@ class FakePublisher:
         self.calls.append((imei, packet, d))
         return d
 
+    def publish_frame(self, imei: str, frame: Any, received_ms: int) -> defer.Deferred[Any]:
+        return self.publish(imei, frame.packet, received_ms)
+
     def dead_letter(
         self, imei: str, codec: str, reason: str, raw: bytes, received_ms: int
     ) -> defer.Deferred[Any]:

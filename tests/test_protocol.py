@@ -358,3 +358,34 @@ class ConnectionTrackingTests(SynchronousTestCase):
         proto.dataReceived(encode_imei(IMEI))  # not a valid frame preamble
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
+
+
+class BackpressureTests(SynchronousTestCase):
+    """The publisher's pressure hook pauses reading from every device and resumes it, without
+    resuming a connection whose own ACK writes are blocked (the device does not read)."""
+
+    def test_pause_and_resume_every_connection(self) -> None:
+        h = Harness()
+        p1, t1 = h.handshaken(40001, "356307042441013")
+        _p2, t2 = h.handshaken(40002, "356307042441021")
+        h.factory.publish_pressure(True)
+        self.assertEqual((t1.producerState, t2.producerState), ("paused", "paused"))
+        _, t3 = h.connect(40003)  # connects while paused: starts paused
+        self.assertEqual(t3.producerState, "paused")
+        p1.pauseProducing()  # the transport says: p1's device does not read its ACKs
+        h.factory.publish_pressure(False)
+        self.assertEqual((t1.producerState, t2.producerState), ("paused", "producing"))
+        self.assertEqual(t3.producerState, "producing")
+        p1.resumeProducing()  # its ACKs drained
+        self.assertEqual(t1.producerState, "producing")
+
+    def test_own_resume_does_not_undo_the_pressure_pause(self) -> None:
+        h = Harness()
+        p1, t1 = h.handshaken()
+        p1.pauseProducing()
+        h.factory.publish_pressure(True)
+        p1.resumeProducing()  # the device read its ACKs, but publishes are still backed up
+        self.assertEqual(t1.producerState, "paused")
+        h.factory.publish_pressure(False)
+        self.assertEqual(t1.producerState, "producing")
+        self.assertEqual(h.factory.read_pauses, 1)

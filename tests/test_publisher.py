@@ -1,4 +1,5 @@
-"""Publisher: one script call per packet, bounded in-flight publishes, drain, failure reasons."""
+"""Publisher: one script call per batch of packets, back-pressure at max_inflight, drain,
+failure reasons."""
 
 from __future__ import annotations
 
@@ -51,51 +52,120 @@ class PublisherTests(SynchronousTestCase):
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
-    def test_one_script_call_with_every_record_in_order(self) -> None:
-        self.publisher.publish("356307042441013", self.packet, 1_700_000_000_123)
-        ((script, keys, args, _),) = self.redis.scripts
+    def test_one_script_call_per_pass_with_every_packet_in_order(self) -> None:
+        a = self.publisher.publish("356307042441013", self.packet, 1_700_000_000_123)
+        b = self.publisher.publish("356307042441014", self.packet, 1_700_000_000_124)
+        self.assertEqual(self.redis.scripts, [])  # sent at the end of this pass of the loop
+        self.clock.advance(0)
+        ((script, keys, args, d),) = self.redis.scripts
         self.assertIs(script, PUBLISH_SCRIPT)
         self.assertEqual(keys, ["telemetry:teltonika"])
-        self.assertEqual(args[:3], ["1000", "356307042441013", "8E"])
-        self.assertEqual(len(args), 3 + 2 * 2)
-        self.assertEqual(args[3], "2023-11-14T22:13:20.000Z")
-        self.assertIn(b'"received_at":"2023-11-14T22:13:20.123Z"', args[4])
-        self.assertEqual(args[5], "2023-11-14T22:13:21.000Z")
+        self.assertEqual(args[0], "1000")
+        self.assertEqual(args[1:4], ["356307042441013", "8E", 2])
+        self.assertEqual(args[4], "2023-11-14T22:13:20.000Z")
+        self.assertIn(b'"received_at":"2023-11-14T22:13:20.123Z"', args[5])
+        self.assertEqual(args[6], "2023-11-14T22:13:21.000Z")
+        self.assertEqual(args[8:11], ["356307042441014", "8E", 2])
+        self.assertIn(b'"device_id":"356307042441014"', args[12])
+        self.assertEqual(len(args), 1 + 2 * (3 + 2 * 2))
+        self.assertNoResult(a)
+        d.callback(4)
+        self.assertEqual(self.successResultOf(a), 2)
+        self.assertEqual(self.successResultOf(b), 2)
+        self.assertEqual(self.sample("teltonika_publish_inflight"), 0)
 
-    def test_overflow_refused_and_counted(self) -> None:
+    def test_a_full_batch_is_sent_at_once(self) -> None:
+        self.publisher.batch_max_records = 3
+        self.publisher.publish("1", self.packet, 0)
+        self.assertEqual(self.redis.scripts, [])
+        self.publisher.publish("2", self.packet, 0)  # 4 records >= 3: sent now
+        self.assertEqual(len(self.redis.scripts), 1)
+        self.clock.advance(0)  # the pass-end flush finds nothing left
+        self.assertEqual(len(self.redis.scripts), 1)
+        self.redis.scripts[0][3].callback(4)  # max_inflight 2: make room
+        self.publisher.batch_max_bytes = 10
+        self.publisher.publish("3", self.packet, 0)  # over the byte bound: sent now
+        self.assertEqual(len(self.redis.scripts), 2)
+
+    def test_compiled_frame_publishes_the_same_payloads(self) -> None:
+        from teltonika_ingest.codec import Framer, encode_avl_frame
+
+        raw = encode_avl_frame(self.packet)
+        framer = Framer(expect_handshake=False)
+        framer.feed(raw)
+        frame = framer.next_event()
+        assert frame is not None
+        self.assertIsNotNone(frame.parts)  # type: ignore[union-attr]
+        self.publisher.publish_frame("356307042441013", frame, 5)  # type: ignore[arg-type]
+        self.publisher.publish("356307042441013", self.packet, 5)
+        self.clock.advance(0)
+        ((_, _, args, _),) = self.redis.scripts
+
+        def text(items: list[Any]) -> list[Any]:
+            return [a.decode() if isinstance(a, bytes) else a for a in items]
+
+        compiled, python = text(args[1:8]), text(args[8:15])
+        self.assertEqual(compiled, python)
+
+    def test_backpressure_waits_then_refuses(self) -> None:
+        pressure: list[bool] = []
+        self.publisher.pressure_hooks.append(pressure.append)
         first = self.publisher.publish("1", self.packet, 0)
         self.publisher.publish("2", self.packet, 0)
-        third = self.publisher.publish("3", self.packet, 0)
-        self.failureResultOf(third, PublishOverflow)
-        self.assertEqual(len(self.redis.scripts), 2)
+        self.clock.advance(0)
+        self.assertEqual(self.sample("teltonika_publish_inflight"), 2)
+        third = self.publisher.publish("3", self.packet, 0)  # waits for a slot
+        fourth = self.publisher.publish("4", self.packet, 0)
+        self.assertEqual(pressure, [True])
+        self.assertEqual(self.sample("teltonika_publish_waiting"), 2)
+        self.assertEqual(self.sample("teltonika_publish_backpressure_total"), 1)
+        fifth = self.publisher.publish("5", self.packet, 0)  # as many waiting: refused
+        self.failureResultOf(fifth, PublishOverflow)
         self.assertEqual(self.sample("teltonika_publish_overflow_total"), 1)
         self.assertEqual(self.sample("teltonika_publish_failures_total", reason="overflow"), 1)
-        self.assertEqual(self.sample("teltonika_publish_inflight"), 2)
-        self.redis.scripts[0][3].callback(2)
+        self.clock.advance(0)
+        self.assertEqual(len(self.redis.scripts), 1)  # nothing sent past the bound
+        self.redis.scripts[0][3].callback(4)
         self.assertEqual(self.successResultOf(first), 2)
-        self.publisher.publish("4", self.packet, 0)  # room again
+        self.assertEqual(self.sample("teltonika_publish_waiting"), 0)
+        self.assertEqual(pressure, [True])  # still 2 of 2 busy: reading stays paused
+        self.clock.advance(0)
+        ((_, _, args, d),) = self.redis.scripts[1:]
+        self.assertEqual((args[1], args[8]), ("3", "4"))  # in arrival order
+        d.callback(4)
+        self.assertEqual(pressure, [True, False])
+        self.assertEqual(self.successResultOf(third), 2)
+        self.assertEqual(self.successResultOf(fourth), 2)
+        self.publisher.publish("6", self.packet, 0)  # room again
+        self.clock.advance(0)
         self.assertEqual(len(self.redis.scripts), 3)
 
     def test_failures_counted_by_reason_and_duration_observed(self) -> None:
         results = [self.publisher.publish("1", self.packet, 0) for _ in range(2)]
+        self.clock.advance(0)
         self.clock.advance(0.002)
         self.redis.scripts[0][3].errback(RedisTimeout("no answer"))
-        self.redis.scripts[1][3].errback(RedisUnavailable("not connected"))
         self.failureResultOf(results[0], RedisTimeout)
-        self.failureResultOf(results[1], RedisUnavailable)
-        self.assertEqual(self.sample("teltonika_publish_failures_total", reason="timeout"), 1)
+        self.failureResultOf(results[1], RedisTimeout)
+        self.assertEqual(self.sample("teltonika_publish_failures_total", reason="timeout"), 2)
+        self.publisher.publish("1", self.packet, 0).addErrback(lambda _: None)
+        self.clock.advance(0)
+        self.redis.scripts[1][3].errback(RedisUnavailable("not connected"))
         self.assertEqual(self.sample("teltonika_publish_failures_total", reason="unavailable"), 1)
         self.assertEqual(self.sample("teltonika_publish_duration_seconds_count"), 0)
         d = self.publisher.publish("1", self.packet, 0)
-        d.addErrback(lambda _: None)
+        self.clock.advance(0)
         self.clock.advance(0.003)
         self.redis.scripts[2][3].callback(2)
+        self.successResultOf(d)
         self.assertEqual(self.sample("teltonika_publish_duration_seconds_count"), 1)
         self.assertAlmostEqual(self.sample("teltonika_publish_duration_seconds_sum"), 0.003)
 
     def test_drain_fires_when_nothing_in_flight(self) -> None:
         a = self.publisher.publish("1", self.packet, 0)
         drained = self.publisher.drain()
+        self.assertNoResult(drained)  # batched, not even sent yet
+        self.clock.advance(0)
         self.assertNoResult(drained)
         self.redis.scripts[0][3].callback(2)
         self.successResultOf(a)

@@ -20,6 +20,7 @@ dominates, so feeding a 64 KiB frame one byte at a time stays linear.
 
 from __future__ import annotations
 
+from . import accel
 from .avl import decode_avl_data
 from .command import decode_command_data
 from .crc import crc16_ibm
@@ -211,6 +212,13 @@ def _decode_frame(frame: bytes) -> FramerEvent:
     computed = crc16_ibm(data)
     if said != computed:
         return FrameError(CrcMismatch(said, computed, offset=crc_at), frame, codec_id, declared)
+    if codec_id in _AVL_IDS and accel.payload_parts is not None:
+        try:
+            codec, count, parts = accel.payload_parts(data)
+        except ValueError:
+            pass  # malformed, or a case only the Python decoder handles: it decides below
+        else:
+            return AvlFrame.from_parts(frame, codec, count, parts)
     try:
         if codec_id in _AVL_IDS:
             return AvlFrame(decode_avl_data(data, HEADER_SIZE), frame)

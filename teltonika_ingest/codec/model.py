@@ -184,20 +184,61 @@ class KeepAlive:
     pass
 
 
-@attrs.frozen(slots=True)
 class AvlFrame:
-    """A CRC-valid Codec 8/8E/16 frame, decoded. ``raw`` is the whole frame."""
+    """A CRC-valid Codec 8/8E/16 frame. ``raw`` is the whole frame.
 
-    packet: AvlPacket
-    raw: bytes
+    ``AvlFrame(packet, raw)`` holds the decoded packet. The framer's compiled path (see
+    ``_fastavl.c``) builds it with :meth:`from_parts` instead: ``parts`` then holds every
+    record's timestamp and JSON payload tail (``[ts0, tail0, ts1, tail1, ...]``) and
+    ``packet`` is decoded from ``raw`` only if something asks for it (the publisher
+    does not). Either way ``codec`` and ``record_count`` are set, and two frames with the
+    same bytes are equal.
+    """
+
+    __slots__ = ("_packet", "codec", "parts", "raw", "record_count")
+
+    def __init__(self, packet: AvlPacket, raw: bytes) -> None:
+        self._packet: AvlPacket | None = packet
+        self.raw = raw
+        self.codec = packet.codec
+        self.record_count = len(packet.records)
+        self.parts: list[bytes] | None = None
+
+    @classmethod
+    def from_parts(cls, raw: bytes, codec: str, record_count: int, parts: list[bytes]) -> AvlFrame:
+        frame = object.__new__(cls)
+        frame._packet = None
+        frame.raw = raw
+        frame.codec = codec
+        frame.record_count = record_count
+        frame.parts = parts
+        return frame
 
     @property
-    def codec(self) -> str:
-        return self.packet.codec
+    def packet(self) -> AvlPacket:
+        packet = self._packet
+        if packet is None:
+            from .avl import decode_avl_data  # avl imports this module
+            from .tcpframe import HEADER_SIZE, TRAILER_SIZE
+
+            packet = decode_avl_data(self.raw[HEADER_SIZE:-TRAILER_SIZE], HEADER_SIZE)
+            self._packet = packet
+        return packet
 
     @property
     def records(self) -> tuple[AvlRecord, ...]:
         return self.packet.records
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AvlFrame):
+            return NotImplemented
+        return self.raw == other.raw and self.packet == other.packet
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"AvlFrame(codec={self.codec!r}, records={self.record_count}, raw={self.raw!r})"
 
 
 @attrs.frozen(slots=True)

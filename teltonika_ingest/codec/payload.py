@@ -26,7 +26,13 @@ import orjson
 
 from .model import CODEC_16, AvlRecord
 
-__all__ = ["format_timestamp", "record_attributes", "record_dict", "record_payload"]
+__all__ = [
+    "format_timestamp",
+    "payloads_from_parts",
+    "record_attributes",
+    "record_dict",
+    "record_payload",
+]
 
 _MS_PER_DAY = 86_400_000
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
@@ -116,3 +122,20 @@ def record_payload(record: AvlRecord, imei: str | None, codec: str, received_at:
     ``imei`` None (unknown device) gives ``"device_id": null``.
     """
     return orjson.dumps(_payload(record, imei, codec, received_at), option=_DUMPS_OPTIONS)
+
+
+def payloads_from_parts(imei: str, received_at: str, parts: list[bytes]) -> list[bytes]:
+    """The compiled path's pieces (``AvlFrame.parts``: ``[ts0, tail0, ts1, tail1, ...]``)
+    made whole: ``[ts0, payload0, ts1, payload1, ...]``, each payload byte-identical to
+    :func:`record_payload` of the same record. ``imei`` must be the 15 digits of a
+    handshake (nothing to escape in JSON)."""
+    head = b'{"device_id":"' + imei.encode("ascii") + b'","timestamp":"'
+    mid = b'","received_at":"' + received_at.encode("ascii") + b'"'
+    join = b"".join
+    out: list[bytes] = []
+    append = out.append
+    for i in range(0, len(parts), 2):
+        ts = parts[i]
+        append(ts)
+        append(join((head, ts, mid, parts[i + 1])))
+    return out
