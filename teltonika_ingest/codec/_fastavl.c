@@ -183,19 +183,35 @@ static const Layout CODEC16 = {"16", 2, 2, 1, 1, 0};
 /* Sentinel: not an error, ask the caller to use the Python path. */
 #define FALLBACK 1
 
-/* Appends one IO id to the seen list; FALLBACK on a repeat anywhere in the record. */
-static inline int see_id(unsigned *seen, int *n_seen, unsigned id) {
-    for (int i = 0; i < *n_seen; i++)
-        if (seen[i] == id) return FALLBACK;
-    seen[(*n_seen)++] = id;
+/* IO ids already in the current record: a 65536-bit set (ids are at most 2 bytes), and
+ * the list of ids set in it, to clear them for the next record. Linear in the number of
+ * IO elements (a hostile 64 KiB record of 20,000 elements must not cost a quadratic scan). */
+typedef struct {
+    uint64_t *bits; /* 1024 words */
+    unsigned *ids;  /* room for one id per 2 bytes of data */
+    Py_ssize_t n;
+} Seen;
+
+/* FALLBACK if `id` is already in the record (the Python decoder decides), else remember it. */
+static inline int see_id(Seen *seen, unsigned id) {
+    uint64_t mask = 1ULL << (id & 63);
+    uint64_t *word = &seen->bits[id >> 6];
+    if (*word & mask) return FALLBACK;
+    *word |= mask;
+    seen->ids[seen->n++] = id;
     return 0;
+}
+
+static inline void seen_clear(Seen *seen) {
+    for (Py_ssize_t i = 0; i < seen->n; i++) seen->bits[seen->ids[i] >> 6] = 0;
+    seen->n = 0;
 }
 
 /* Decodes one record at *off (bounds: reads must stay below `last`, the offset of number
  * of data 2), appends its tail to `o` and its timestamp to ts. 0, FALLBACK or -1 (error
  * set). */
 static int one_record(const unsigned char *d, Py_ssize_t last, Py_ssize_t *offp,
-                      const Layout *L, Out *o, char ts[24], unsigned *seen) {
+                      const Layout *L, Out *o, char ts[24], Seen *seen) {
     Py_ssize_t off = *offp;
     int ids = L->id_size, cs = L->count_size;
     Py_ssize_t head = 24 + ids + (L->has_gen ? 1 : 0) + cs;
@@ -239,7 +255,7 @@ static int one_record(const unsigned char *d, Py_ssize_t last, Py_ssize_t *offp,
     }
     if (PUT_LIT(o, ",\"attributes\":{") < 0) return -1;
 
-    int n_seen = 0;
+    seen_clear(seen);
     uint64_t sum = 0;
     int first = 1;
     static const int widths[4] = {1, 2, 4, 8};
@@ -254,7 +270,7 @@ static int one_record(const unsigned char *d, Py_ssize_t last, Py_ssize_t *offp,
             unsigned id = (unsigned)be(d + p, ids);
             uint64_t v = be(d + p + ids, w);
             p += ids + w;
-            if (see_id(seen, &n_seen, id)) return FALLBACK;
+            if (see_id(seen, id)) return FALLBACK;
             if (!first && PUT_LIT(o, ",") < 0) return -1;
             first = 0;
             if (PUT_LIT(o, "\"") < 0 || out_u64(o, id) < 0 || PUT_LIT(o, "\":") < 0) return -1;
@@ -278,7 +294,7 @@ static int one_record(const unsigned char *d, Py_ssize_t last, Py_ssize_t *offp,
             Py_ssize_t len = (Py_ssize_t)be(d + p + 2, 2);
             p += 4;
             if (p + len > last) return FALLBACK;
-            if (see_id(seen, &n_seen, id)) return FALLBACK;
+            if (see_id(seen, id)) return FALLBACK;
             if (!first && PUT_LIT(o, ",") < 0) return -1;
             first = 0;
             if (PUT_LIT(o, "\"") < 0 || out_u64(o, id) < 0 ||
@@ -314,12 +330,18 @@ static PyObject *payload_parts(PyObject *self, PyObject *arg) {
     Py_ssize_t last = size - 1;
     if (count == 0 || d[last] != count) goto fallback;
 
-    /* every IO id of a record is remembered to refuse repeats: at most one per 3 bytes */
-    unsigned *seen = PyMem_Malloc(sizeof(unsigned) * (size_t)(size / 3 + 1));
-    if (seen == NULL) return PyErr_NoMemory();
+    /* every IO element takes at least 2 bytes (Codec 8: 1-byte id, 1-byte value) */
+    Seen seen = {PyMem_Calloc(1024, sizeof(uint64_t)),
+                 PyMem_Malloc(sizeof(unsigned) * (size_t)(size / 2 + 1)), 0};
+    if (seen.bits == NULL || seen.ids == NULL) {
+        PyMem_Free(seen.bits);
+        PyMem_Free(seen.ids);
+        return PyErr_NoMemory();
+    }
     PyObject *parts = PyList_New(2 * (Py_ssize_t)count);
     if (parts == NULL) {
-        PyMem_Free(seen);
+        PyMem_Free(seen.bits);
+        PyMem_Free(seen.ids);
         return NULL;
     }
     Out o = {NULL, 0, 0};
@@ -328,7 +350,7 @@ static PyObject *payload_parts(PyObject *self, PyObject *arg) {
     for (unsigned i = 0; i < count; i++) {
         char ts[24];
         o.len = 0;
-        rc = one_record(d, last, &off, L, &o, ts, seen);
+        rc = one_record(d, last, &off, L, &o, ts, &seen);
         if (rc) break;
         PyObject *t = PyBytes_FromStringAndSize(ts, 24);
         if (t == NULL) {
@@ -344,7 +366,8 @@ static PyObject *payload_parts(PyObject *self, PyObject *arg) {
         PyList_SET_ITEM(parts, 2 * (Py_ssize_t)i + 1, tail);
     }
     PyMem_Free(o.buf);
-    PyMem_Free(seen);
+    PyMem_Free(seen.bits);
+    PyMem_Free(seen.ids);
     if (rc == 0 && off != last) rc = FALLBACK;
     if (rc) {
         Py_DECREF(parts);
