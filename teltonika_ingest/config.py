@@ -259,7 +259,7 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "positive-int",
         "packets handed to Redis and not yet confirmed, across the process; beyond that "
         "packets wait and reading from devices pauses until the backlog is gone "
-        "(teltonika_publish_backpressure_total); a packet arriving while as many wait again "
+        "(teltonika_publish_backpressure_total); a packet arriving while 8 times as many wait "
         "is not ACKed (teltonika_publish_overflow_total)",
         why="enough to keep Redis busy under thousands of devices; when Redis or this process "
         "falls behind, devices wait with their data instead of being refused and reconnecting, "

@@ -121,7 +121,7 @@ class Metrics:
         )
         self.publish_overflow = Counter(
             "teltonika_publish_overflow_total",
-            "Packets refused because --max-inflight publishes were in flight and as many waiting.",
+            "Packets refused: --max-inflight in flight and 8 x --max-inflight waiting.",
             registry=registry,
         )
         self.publish_inflight = Gauge(

@@ -7,6 +7,7 @@ written: ``TeltonikaProtocol._published`` -> ``Session.published`` -> ``Send(ack
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
@@ -582,7 +583,12 @@ class TeltonikaFactory(Factory):
                     proto.transport.pauseProducing()  # type: ignore[attr-defined]
         else:
             log.debug("publish backlog gone: resuming reads")
-            for proto in list(self.connections):
+            # epoll reports the resumed sockets in the order they were resumed, and the first
+            # ones fill the in-flight slots again: start at a random place each time, or the
+            # same devices would always come last (seconds of ACK latency for them).
+            conns = list(self.connections)
+            start = random.randrange(len(conns)) if conns else 0
+            for proto in conns[start:] + conns[:start]:
                 proto.resume_reading()
 
     def stop_reading(self) -> None:

@@ -42,6 +42,9 @@ BATCH_MAX_RECORDS = 512
 #: ... or this many payload bytes (a Lua call blocks Redis while it runs: keep it short)
 BATCH_MAX_BYTES = 1 << 20
 
+#: packets waiting for an in-flight slot, at most this many times --max-inflight
+WAITING_FACTOR = 8
+
 # KEYS[1] stream; ARGV[1] maxlen ("0" = no trimming), then per packet:
 # imei, codec, record count n, then n (ts, payload) pairs. Returns the records added.
 PUBLISH_SCRIPT = Script(
@@ -100,8 +103,8 @@ class Publisher:
     and ``pressure_hooks`` are called with True, so the listeners stop reading from devices
     until the backlog is gone (``False``, once in-flight packets are down to half the bound
     and none waits): under overload the devices wait with their data, instead of being
-    refused and reconnecting. Only when ``max_inflight`` packets are already waiting too is
-    a packet refused (``PublishOverflow``: not ACKed, the device resends).
+    refused and reconnecting. Only when ``max_waiting`` (8 x ``max_inflight``) packets are
+    already waiting is a packet refused (``PublishOverflow``: not ACKed, the device resends).
     """
 
     def __init__(
@@ -124,6 +127,9 @@ class Publisher:
         self.maxlen = maxlen
         self._maxlen_arg = str(maxlen)
         self.max_inflight = max_inflight
+        #: packets that may wait for a slot: reading pauses at the first one, so only packets
+        #: already read in the same pass of the event loop (or UDP datagrams) pile up here
+        self.max_waiting = WAITING_FACTOR * max_inflight
         self.batch_max_records = batch_max_records
         self.batch_max_bytes = batch_max_bytes
         self.metrics = metrics
@@ -178,7 +184,7 @@ class Publisher:
         d: defer.Deferred[int] = defer.Deferred()
         if self.inflight + len(self._batch) >= self.max_inflight or self._waiting:
             waiting = self._waiting
-            if len(waiting) >= self.max_inflight:
+            if len(waiting) >= self.max_waiting:
                 self.metrics.publish_overflow.inc()
                 self.metrics.publish_failures.labels(reason="overflow").inc()
                 return defer.fail(

@@ -119,6 +119,7 @@ class PublisherTests(SynchronousTestCase):
         self.assertEqual(pressure, [True])
         self.assertEqual(self.sample("teltonika_publish_waiting"), 2)
         self.assertEqual(self.sample("teltonika_publish_backpressure_total"), 1)
+        self.publisher.max_waiting = 2  # (8 x max_inflight by default)
         fifth = self.publisher.publish("5", self.packet, 0)  # as many waiting: refused
         self.failureResultOf(fifth, PublishOverflow)
         self.assertEqual(self.sample("teltonika_publish_overflow_total"), 1)

@@ -273,3 +273,39 @@ async def test_registry_restored_after_redis_reconnect(
     dev.send(avl_frame(1))
     assert await dev.expect(4) == ack(1)
     await dev.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backpressure_when_redis_stalls(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    """More packets than --max-inflight while Redis does not answer: they wait (reading
+    pauses), none is refused or ACKed early, and all are ACKed once Redis answers."""
+    running = await start(redis_proc, tmp_path, "--max-inflight", "2", "--publish-timeout", "20")
+    devices: list[DeviceProtocol] = []
+    try:
+        for i in range(6):
+            devices.append(await running.device(f"3563070424410{i:02d}"))
+        redis_proc.cmd("CLIENT", "PAUSE", "30000", "WRITE")  # scripts wait, PING answers
+        for i, dev in enumerate(devices):
+            dev.send(avl_frame(2, start=10 * i))
+        await wait_for(lambda: running.sample("teltonika_publish_waiting") >= 1)
+        assert running.sample("teltonika_publish_backpressure_total") >= 1
+        assert running.svc.factory.reading_paused
+        assert running.sample("teltonika_publish_inflight") <= 2
+        assert [dev.received for dev in devices] == [b""] * 6  # nothing ACKed yet
+        body = await running.metrics()
+        assert "teltonika_publish_waiting " in body
+        redis_proc.cmd("CLIENT", "UNPAUSE")
+        for dev in devices:
+            assert await dev.expect(4) == ack(2)
+        assert len(stream_entries(redis_proc)) == 12
+        await wait_for(lambda: not running.svc.factory.reading_paused)
+        assert running.sample("teltonika_publish_overflow_total") == 0
+        assert running.sample("teltonika_publish_waiting") == 0
+        # reading resumed: the next packets flow as usual
+        devices[0].send(avl_frame(1, start=500))
+        assert await devices[0].expect(4) == ack(1)
+    finally:
+        redis_proc.cmd("CLIENT", "UNPAUSE")
+        for dev in devices:
+            await dev.close()
+        await running.svc.stopService()
