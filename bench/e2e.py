@@ -231,7 +231,13 @@ def service(
         "--instance-id", "bench",
         *(extra or []),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELTONIKA_", "REDIS_"))}
+    # no stray configuration from this shell; TELTONIKA_PURE_PYTHON (not an option: the
+    # compiled path on/off) does pass, for A/B runs
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TELTONIKA_", "REDIS_")) or k == "TELTONIKA_PURE_PYTHON"
+    }
     with open(sdir / "stdout.log", "wb") as out:
         proc = subprocess.Popen(
             argv, cwd=sdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
