@@ -131,12 +131,12 @@ class Metrics:
         )
         self.publish_waiting = Gauge(
             "teltonika_publish_waiting",
-            "Packets waiting for an in-flight slot (--max-inflight reached; reading paused).",
+            "Packets waiting for an in-flight slot (--max-inflight reached).",
             registry=registry,
         )
         self.publish_backpressure = Counter(
             "teltonika_publish_backpressure_total",
-            "Times reading from devices was paused: --max-inflight publishes in flight.",
+            "Times reading from devices was paused: --max-inflight in flight, as many waiting.",
             registry=registry,
         )
         self.ack_latency = Histogram(

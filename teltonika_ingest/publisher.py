@@ -99,12 +99,15 @@ class Publisher:
     """Writes packets (in batches) and dead letters to Redis, bounded by ``max_inflight``.
 
     ``max_inflight`` bounds the packets handed to Redis and not yet confirmed. A packet that
-    arrives while that many are in flight *waits* (it is sent as soon as a batch comes back)
-    and ``pressure_hooks`` are called with True, so the listeners stop reading from devices
-    until the backlog is gone (``False``, once in-flight packets are down to half the bound
-    and none waits): under overload the devices wait with their data, instead of being
-    refused and reconnecting. Only when ``max_waiting`` (8 x ``max_inflight``) packets are
-    already waiting is a packet refused (``PublishOverflow``: not ACKed, the device resends).
+    arrives while that many are in flight *waits* (in arrival order; sent as soon as a batch
+    comes back and frees slots). Once as many packets wait as are in flight,
+    ``pressure_hooks`` are called with True, so the listeners stop reading from devices until
+    no packet waits any more (``False``): under overload the devices wait with their data,
+    instead of being refused and reconnecting. (Pausing at the first waiting packet and
+    resuming at half the bound, as first written, left the pipeline half empty on each cycle:
+    79k instead of 103k records/s with 2,000 devices back-to-back.) Only when ``max_waiting``
+    (8 x ``max_inflight``) packets are already waiting is a packet refused
+    (``PublishOverflow``: not ACKed, the device resends).
     """
 
     def __init__(
@@ -127,8 +130,8 @@ class Publisher:
         self.maxlen = maxlen
         self._maxlen_arg = str(maxlen)
         self.max_inflight = max_inflight
-        #: packets that may wait for a slot: reading pauses at the first one, so only packets
-        #: already read in the same pass of the event loop (or UDP datagrams) pile up here
+        #: packets that may wait for a slot: reading pauses once max_inflight wait, so past
+        #: that only packets read in the same pass of the event loop (or UDP) pile up here
         self.max_waiting = WAITING_FACTOR * max_inflight
         self.batch_max_records = batch_max_records
         self.batch_max_bytes = batch_max_bytes
@@ -191,7 +194,7 @@ class Publisher:
                     PublishOverflow(f"{self.inflight} publishes in flight, {len(waiting)} waiting")
                 )
             waiting.append((segment, d, records, size))
-            if not self.under_pressure:
+            if len(waiting) >= self.max_inflight and not self.under_pressure:
                 self._set_pressure(True)
             return d
         self._add(segment, d, records, size)
@@ -259,8 +262,7 @@ class Publisher:
                 admitted, self._waiting = waiting[:room], waiting[room:]
                 for segment, d, records, size in admitted:
                     self._add(segment, d, records, size)
-        busy = self.inflight + len(self._batch)
-        if self.under_pressure and not self._waiting and busy * 2 <= self.max_inflight:
+        if self.under_pressure and not self._waiting:
             self._set_pressure(False)
         if self.inflight == 0 and not self._batch and not self._waiting and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
