@@ -378,7 +378,7 @@ def e2e_section(
             )
     lines += ["", "### Reproduce", "", "```sh", ". .venv/bin/activate"]
     lines.append(
-        "python -m bench.run_all            # everything, 3 runs each (~25 min); --quick: ~3 min"
+        "python -m bench.run_all            # everything, 3 runs each (~15 min); --quick: ~3 min"
     )
     lines.append("python -m bench.e2e --list         # the scenarios")
     lines.append("python -m bench.e2e b2b10 --repeat 3 --profile /tmp/prof   # one, with py-spy")
