@@ -234,9 +234,7 @@ class Publisher:
             errbackArgs=(batch,),
         )
 
-    def _batch_done(
-        self, _total: Any, batch: list[tuple[defer.Deferred[int], int]], started: float
-    ) -> None:
+    def _batch_done(self, _total: Any, batch: _Batch, started: float) -> None:
         self.inflight -= len(batch)
         observe = self.metrics.publish_duration.observe
         elapsed = self.clock.seconds() - started

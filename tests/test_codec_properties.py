@@ -383,23 +383,28 @@ def test_random_bytes_only_raise_codec_errors(data):
             decode(data)
 
 
+def damaged(raw: bytes, data: st.DataObject) -> bytes:
+    """``raw`` with 1-3 random byte flips, insertions or deletions."""
+    buf = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.integers(0, len(buf) - 1))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if action == "flip":
+            buf[where] ^= data.draw(st.integers(1, 255))
+        elif action == "insert":
+            buf[where:where] = data.draw(st.binary(min_size=1, max_size=4))
+        elif len(buf) > 1:
+            del buf[where]
+    return bytes(buf)
+
+
 @RELAXED
 @given(avl_packets(max_records=3), st.data())
 def test_mutated_data_fields_decode_canonically_or_fail_cleanly(packet, data):
     """A damaged data field either raises a CodecError or decodes to a packet that
     encodes back to exactly those bytes: the decoder accepts nothing it cannot
     represent."""
-    raw = bytearray(encode_avl_data(packet))
-    for _ in range(data.draw(st.integers(1, 3))):
-        where = data.draw(st.integers(0, len(raw) - 1))
-        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
-        if action == "flip":
-            raw[where] ^= data.draw(st.integers(1, 255))
-        elif action == "insert":
-            raw[where:where] = data.draw(st.binary(min_size=1, max_size=4))
-        elif len(raw) > 1:
-            del raw[where]
-    mutated = bytes(raw)
+    mutated = damaged(encode_avl_data(packet), data)
     try:
         decoded = decode_avl_data(mutated)
     except CodecError:

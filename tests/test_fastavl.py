@@ -31,7 +31,7 @@ from teltonika_ingest.codec import (
 )
 from teltonika_ingest.codec.payload import payloads_from_parts
 
-from test_codec_properties import RELAXED, avl_packets, avl_records
+from test_codec_properties import RELAXED, avl_packets, avl_records, damaged
 
 IMEI = "356307042441013"
 RECEIVED_AT = "2026-11-22T10:00:00.123Z"
@@ -128,17 +128,7 @@ def test_repeated_io_id_is_left_to_python() -> None:
 @RELAXED
 @given(avl_packets(max_records=3), st.data())
 def test_damaged_data_fields_never_succeed_where_python_fails(packet, data) -> None:
-    raw = bytearray(encode_avl_data(packet))
-    for _ in range(data.draw(st.integers(1, 3))):
-        where = data.draw(st.integers(0, len(raw) - 1))
-        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
-        if action == "flip":
-            raw[where] ^= data.draw(st.integers(1, 255))
-        elif action == "insert":
-            raw[where:where] = data.draw(st.binary(min_size=1, max_size=4))
-        elif len(raw) > 1:
-            del raw[where]
-    mutated = bytes(raw)
+    mutated = damaged(encode_avl_data(packet), data)
     try:
         fast(mutated)
     except ValueError:
