@@ -7,7 +7,7 @@ Each run starts everything from scratch and stops it again, all on loopback:
 2. the service as a real process: ``twistd -n teltonika-ingest --redis-url ...
    --listen tcp:PORT:interface=127.0.0.1 --metrics tcp:PORT:interface=127.0.0.1``
    (every other option at its default), ready when ``/readyz`` answers 200;
-3. the simulator (``python -m teltonika_ingest.simulate_cmd ... --json``) as its own
+3. the simulator (``python -m teltonika_ingest.cli.simulate ... --json``) as its own
    process, bounded in count and time; its JSON summary is the result.
 
 Meanwhile the service's RSS is sampled from ``/proc`` (and its peak, ``VmHWM``), the CPU
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from teltonika_ingest.codec import format_timestamp, record_payload
-from teltonika_ingest.simulate import build_packet
+from teltonika_ingest.sim.traffic import build_packet
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -392,7 +392,7 @@ class Sampler(threading.Thread):
 
 
 def simulator_argv(port: int, sim: dict[str, Any], processes: int = 1) -> list[str]:
-    argv = [PYTHON, "-m", "teltonika_ingest.simulate_cmd", "--port", str(port)]
+    argv = [PYTHON, "-m", "teltonika_ingest.cli.simulate", "--port", str(port)]
     for key, value in sim.items():
         argv += [f"--{key}", str(value)]
     if processes > 1:
@@ -631,9 +631,12 @@ _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode (framer, CRC, AVL records)", ("teltonika_ingest/codec/", "<teltonika")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("logging (twisted.logger)", ("twisted/logger/", "twisted/python/log.py:msg")),
-    ("Redis client (txredisapi, redisclient)", ("txredisapi", "teltonika_ingest/redisclient.py")),
-    ("publisher", ("teltonika_ingest/publisher.py",)),
-    ("session + protocol", ("teltonika_ingest/session.py", "teltonika_ingest/protocol.py")),
+    ("Redis client (txredisapi, redisclient)", ("txredisapi", "teltonika_ingest/redis/client.py")),
+    ("publisher", ("teltonika_ingest/server/publisher.py",)),
+    (
+        "session + protocol",
+        ("teltonika_ingest/server/session.py", "teltonika_ingest/server/protocol.py"),
+    ),
     ("Deferred machinery", ("twisted/internet/defer.py",)),
     (
         "Twisted write path (write, doWrite, send)",

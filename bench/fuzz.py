@@ -74,7 +74,7 @@ def _load() -> None:
     global _codec, _session
     if _codec is None:
         import teltonika_ingest.codec as codec
-        import teltonika_ingest.session as session
+        import teltonika_ingest.server.session as session
 
         _codec, _session = codec, session
 
@@ -269,7 +269,7 @@ def _atheris_worker(args: argparse.Namespace) -> int:
 
     with atheris.instrument_imports():
         import teltonika_ingest.codec
-        import teltonika_ingest.session  # noqa: F401
+        import teltonika_ingest.server.session  # noqa: F401
     _load()
     argv = [
         sys.argv[0], args.corpus,

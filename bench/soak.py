@@ -139,7 +139,7 @@ def idle_storm(port: int, count: int, hold: float) -> int:
 def check_simulator() -> None:
     """The simulator must be able to log its ACKs (``--ack-log``)."""
     out = subprocess.run(
-        [sys.executable, "-m", "teltonika_ingest.simulate_cmd", "--help"],
+        [sys.executable, "-m", "teltonika_ingest.cli.simulate", "--help"],
         capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir(),
     )  # fmt: skip
     if "--ack-log" not in out.stdout:
@@ -148,7 +148,7 @@ def check_simulator() -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from teltonika_ingest.config import RedisTarget
-    from teltonika_ingest.invariant import verify
+    from teltonika_ingest.sim.invariant import verify
 
     check_simulator()
 
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         procs.append(service)
         wait_ready(http_port, service)
         sim_argv = [
-            sys.executable, "-m", "teltonika_ingest.simulate_cmd",
+            sys.executable, "-m", "teltonika_ingest.cli.simulate",
             "--port", str(device_port), "--devices", str(args.devices),
             "--rate", str(args.rate), "--records", str(args.records), "--ios", str(args.ios),
             "--codec", "mix", "--ramp-up", str(args.ramp_up), "--duration", str(duration),

@@ -12,8 +12,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from teltonika_ingest.codec import AvlPacket, AvlRecord, encode_avl_frame, encode_imei
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.protocol import SessionSettings, TeltonikaFactory, TeltonikaProtocol
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory, TeltonikaProtocol
 
 DATA = Path(__file__).parent / "data"
 VECTORS: list[dict[str, Any]] = json.loads((DATA / "teltonika-spec-vectors.json").read_text())[

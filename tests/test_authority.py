@@ -14,7 +14,10 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor
 from twisted.logger import LogEvent, globalLogPublisher
 
-from teltonika_ingest.authority import (
+from teltonika_ingest.codec import encode_imei
+from teltonika_ingest.config import Config, RedisTarget
+from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.server.authority import (
     AuthorityMetrics,
     DeviceAuthority,
     build_authority,
@@ -22,10 +25,7 @@ from teltonika_ingest.authority import (
     luhn_valid,
     parse_allow_list,
 )
-from teltonika_ingest.codec import encode_imei
-from teltonika_ingest.config import Config, RedisTarget
-from teltonika_ingest.redisclient import RedisClient
-from teltonika_ingest.tap import IngestService
+from teltonika_ingest.server.tap import IngestService
 
 from device import connect_device, wait_for
 from redisproc import RedisProcess

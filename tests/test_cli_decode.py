@@ -171,7 +171,7 @@ def test_usage_errors_and_help():
 
 
 def test_main_is_importable_and_returns_status(capsys):
-    from teltonika_ingest.cli import main
+    from teltonika_ingest.cli.main import main
 
     assert main(["decode", HANDSHAKE]) == 0
     assert json.loads(capsys.readouterr().out) == {"imei": "356307042441013"}

@@ -26,17 +26,16 @@ from teltonika_ingest.codec import (
     encode_command,
     encode_command_message,
 )
-from teltonika_ingest.commands import (
+from teltonika_ingest.redis.client import RedisUnavailable
+from teltonika_ingest.server.commands.entries import (
     GROUP,
-    RECORD_OUTCOME,
     RESULTS_KEY,
-    CommandRouter,
     InvalidCommand,
     entry_time_ms,
     parse_entry,
 )
-from teltonika_ingest.protocol import TeltonikaProtocol
-from teltonika_ingest.redisclient import RedisUnavailable
+from teltonika_ingest.server.commands.router import RECORD_OUTCOME, CommandRouter
+from teltonika_ingest.server.protocol import TeltonikaProtocol
 
 from support import IMEI, Harness, avl_frame
 

@@ -25,7 +25,8 @@ from teltonika_ingest.codec import (
     decode_command_frame,
     encode_command_message,
 )
-from teltonika_ingest.commands import GROUP, RECORD_OUTCOME, RESULTS_KEY, CommandRouter
+from teltonika_ingest.server.commands.entries import GROUP, RESULTS_KEY
+from teltonika_ingest.server.commands.router import RECORD_OUTCOME, CommandRouter
 
 import test_service_integration as service_integration
 from device import expect_frame, http_get, wait_for

@@ -27,7 +27,7 @@ from twisted.python.systemd import ListenFDs
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import Config
-from teltonika_ingest.tap import IngestService
+from teltonika_ingest.server.tap import IngestService
 
 from device import connect_device
 from redisproc import RedisProcess, free_port
@@ -156,7 +156,7 @@ def test_wheel_carries_the_plugin_but_not_twisted_plugins_init(tmp_path: Path) -
     [wheel] = (tmp_path / "dist").glob("teltonika_ingest-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/teltonika_ingest_plugin.py" in names
-    assert "teltonika_ingest/tap.py" in names
+    assert "teltonika_ingest/server/tap.py" in names
     # the compiled hot path was built from the copied sources (setup.py is among them)
     assert [n for n in names if re.fullmatch(r"teltonika_ingest/codec/_fastavl\..*\.so", n)]
     assert not [n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")]

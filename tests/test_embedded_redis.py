@@ -19,12 +19,12 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.logger import LogLevel, globalLogPublisher
 
-from teltonika_ingest.embedded_redis import (
+from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.redis.embedded import (
     EmbeddedRedisError,
     EmbeddedRedisService,
     find_redis_server,
 )
-from teltonika_ingest.redisclient import RedisClient
 
 from redisproc import RespClient
 
@@ -57,7 +57,7 @@ def log_events() -> Iterator[list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if str(event.get("log_namespace", "")).startswith("teltonika_ingest.embedded_redis"):
+        if str(event.get("log_namespace", "")).startswith("teltonika_ingest.redis.embedded"):
             events.append(event)
 
     globalLogPublisher.addObserver(observer)

@@ -4,7 +4,7 @@ Every test here starts its own ``redis-server`` (append-only, ``appendfsync alwa
 Redis confirmed survives a SIGKILL of Redis) and one or two ``twistd -n teltonika-ingest``
 processes, drives a small fleet of devices that behave like the firmware (one packet in
 flight; no ACK within the ACK timeout, or the connection lost: reconnect and resend the same
-bytes), logs every ACK they receive (``teltonika_ingest.invariant`` format), injects the
+bytes), logs every ACK they receive (``teltonika_ingest.sim.invariant`` format), injects the
 fault, and then checks
 
 * the invariant: zero ACKed records missing from the stream (duplicates counted, allowed);
@@ -37,7 +37,7 @@ from twisted.internet import defer, reactor
 
 from teltonika_ingest.codec import AvlPacket, encode_avl_frame, encode_imei
 from teltonika_ingest.config import RedisTarget
-from teltonika_ingest.invariant import AckLog, AckLogWriter, Report, verify
+from teltonika_ingest.sim.invariant import AckLog, AckLogWriter, Report, verify
 
 from device import DeviceProtocol, connect_device, deferLater, http_get, wait_for
 from redisproc import RedisProcess, free_port
@@ -792,7 +792,7 @@ async def test_registry_field_kept_when_unregister_is_reordered_by_the_pool(
 ) -> None:
     """As above with the script cached: the HSET goes out on the pooled connection that
     Redis serves first after the stall (a PING sent just before takes that place)."""
-    from teltonika_ingest.registry import COMPARE_AND_DELETE
+    from teltonika_ingest.server.registry import COMPARE_AND_DELETE
 
     running = await start(redis_proc, tmp_path)
     try:
@@ -821,7 +821,7 @@ async def test_registry_field_kept_when_the_unregister_timed_out(
     stays queued in Redis; the device reconnects, its HSET goes out on the pooled
     connection Redis serves first after the stall. The device is connected: its field must
     stay."""
-    from teltonika_ingest.registry import COMPARE_AND_DELETE
+    from teltonika_ingest.server.registry import COMPARE_AND_DELETE
 
     running = await start(redis_proc, tmp_path)  # --publish-timeout 1: the command timeout
     try:

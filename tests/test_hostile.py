@@ -50,9 +50,9 @@ from teltonika_ingest.codec import (
     encode_command_message,
     encode_imei,
 )
-from teltonika_ingest.invariant import StreamIndex, SyncRedis, read_stream
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.protocol import SessionSettings, TeltonikaFactory
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
+from teltonika_ingest.sim.invariant import StreamIndex, SyncRedis, read_stream
 
 from device import DeviceProtocol, connect_device, deferLater, expect_frame, wait_for
 from redisproc import RedisProcess

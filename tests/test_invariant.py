@@ -1,4 +1,4 @@
-"""The invariant checker (teltonika_ingest/invariant.py) and ``teltonika-ingest verify``."""
+"""The invariant checker (teltonika_ingest/sim/invariant.py) and ``teltonika-ingest verify``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teltonika_ingest import verify_cmd
+from teltonika_ingest.cli import verify as verify_cmd
 from teltonika_ingest.codec import MAX_TIMESTAMP_MS, format_timestamp
 from teltonika_ingest.config import RedisTarget
-from teltonika_ingest.invariant import (
+from teltonika_ingest.sim.invariant import (
     AckLog,
     AckLogWriter,
     StreamIndex,
@@ -340,7 +340,7 @@ async def test_simulator_ack_log_verifies_end_to_end(
     try:
         log_path = tmp_path / "acks.log"
         argv = [
-            "-m", "teltonika_ingest.simulate_cmd", "--port", str(running.device_port),
+            "-m", "teltonika_ingest.cli.simulate", "--port", str(running.device_port),
             "--devices", "6", "--packets", "5", "--records", "3", "--processes", "2",
             "--ack-log", str(log_path), "--json", "--quiet",
         ]  # fmt: skip

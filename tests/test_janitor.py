@@ -14,9 +14,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from teltonika_ingest.config import RedisTarget
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.redisclient import RedisClient
-from teltonika_ingest.registry import COMPARE_AND_DELETE, REGISTRY_KEY, Registry
+from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.registry import COMPARE_AND_DELETE, REGISTRY_KEY, Registry
 
 from device import wait_for
 from redisproc import RedisProcess

@@ -22,7 +22,7 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 
 from teltonika_ingest import logsetup
-from teltonika_ingest.metrics import Metrics
+from teltonika_ingest.server.metrics import Metrics
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -36,7 +36,9 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 def test_json_lines_parse_with_structured_fields() -> None:
     out = io.StringIO()
-    log = Logger(namespace="teltonika_ingest.protocol", observer=logsetup.json_lines_observer(out))
+    log = Logger(
+        namespace="teltonika_ingest.server.protocol", observer=logsetup.json_lines_observer(out)
+    )
     log.info(
         "ACKed {records} records ({codec}) for {imei} from {peer}",
         records=3,
@@ -55,7 +57,7 @@ def test_json_lines_parse_with_structured_fields() -> None:
     assert len(lines) == 4  # one object per line, nothing else
     ack, odd, collide, crash = (json.loads(line) for line in lines)
     assert ack["level"] == "info"
-    assert ack["namespace"] == "teltonika_ingest.protocol"
+    assert ack["namespace"] == "teltonika_ingest.server.protocol"
     assert ack["message"] == "ACKed 3 records (8E) for 356307042441013 from 203.0.113.7:56324"
     assert (ack["records"], ack["codec"], ack["imei"], ack["peer"]) == (
         3,
@@ -217,7 +219,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from teltonika_ingest import logsetup
-from teltonika_ingest.metrics import Metrics
+from teltonika_ingest.server.metrics import Metrics
 
 log = Logger()
 

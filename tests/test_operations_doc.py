@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from teltonika_ingest.authority import AuthorityMetrics
-from teltonika_ingest.metrics import Metrics
+from teltonika_ingest.server.authority import AuthorityMetrics
+from teltonika_ingest.server.metrics import Metrics
 
 DOC = (Path(__file__).parent.parent / "OPERATIONS.md").read_text(encoding="utf-8")
 

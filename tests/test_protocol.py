@@ -13,7 +13,7 @@ from teltonika_ingest.codec import (
     encode_command_message,
     encode_imei,
 )
-from teltonika_ingest.session import State
+from teltonika_ingest.server.session import State
 
 from support import HANDSHAKE, IMEI, Harness, avl_frame, vector_bytes
 

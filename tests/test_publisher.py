@@ -10,10 +10,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from teltonika_ingest.codec import AvlPacket
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.publisher import PUBLISH_SCRIPT, Publisher, PublishOverflow
-from teltonika_ingest.redisclient import RedisTimeout, RedisUnavailable
-from teltonika_ingest.tap import raise_open_files_limit
+from teltonika_ingest.redis.client import RedisTimeout, RedisUnavailable
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.publisher import PUBLISH_SCRIPT, Publisher, PublishOverflow
+from teltonika_ingest.server.tap import raise_open_files_limit
 
 from support import make_record
 

@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.testing import StringTransport
 
 from teltonika_ingest.config import RedisTarget
-from teltonika_ingest.redisclient import (
+from teltonika_ingest.redis.client import (
     RedisClient,
     RedisReplyError,
     RedisTimeout,

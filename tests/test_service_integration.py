@@ -14,7 +14,7 @@ import pytest_twisted
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import Config
-from teltonika_ingest.tap import IngestService
+from teltonika_ingest.server.tap import IngestService
 
 from device import DeviceProtocol, connect_device, http_get, wait_for
 from redisproc import RedisProcess

@@ -35,23 +35,20 @@ from teltonika_ingest.codec import (
     decode_udp_datagram,
     encode_command,
 )
+from teltonika_ingest.codec.imei import luhn_digit
 from teltonika_ingest.config import Config
-from teltonika_ingest.simulate import (
+from teltonika_ingest.server.tap import IngestService
+from teltonika_ingest.sim.devices import answer_command, default_answer
+from teltonika_ingest.sim.replay import parse_replay, replay
+from teltonika_ingest.sim.simulation import Simulation
+from teltonika_ingest.sim.stats import LatencyHistogram, merge_summaries
+from teltonika_ingest.sim.traffic import (
     FrameTemplate,
-    LatencyHistogram,
     SimConfig,
-    Simulation,
     UdpTemplate,
-    answer_command,
     build_packet,
-    default_answer,
     imei_for,
-    luhn_digit,
-    merge_summaries,
-    parse_replay,
-    replay,
 )
-from teltonika_ingest.tap import IngestService
 
 from device import wait_for
 from redisproc import RedisProcess, free_port
@@ -525,11 +522,11 @@ async def test_replay_reports_a_bad_crc_and_the_close(
 
 
 def _simulate_argv() -> list[str]:
-    from teltonika_ingest import cli
+    from teltonika_ingest.cli import main as cli
 
-    if "teltonika_ingest.simulate_cmd" in cli.SUBCOMMAND_MODULES:
+    if "teltonika_ingest.cli.simulate" in cli.SUBCOMMAND_MODULES:
         return [str(BIN / "teltonika-ingest"), "simulate"]
-    return [sys.executable, "-m", "teltonika_ingest.simulate_cmd"]  # not registered yet
+    return [sys.executable, "-m", "teltonika_ingest.cli.simulate"]  # not registered yet
 
 
 @pytest.fixture
@@ -614,7 +611,7 @@ def test_console_script_against_twistd(
 
 def test_cli_rejects_bad_options() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "teltonika_ingest.simulate_cmd", "--devices", "2"],
+        [sys.executable, "-m", "teltonika_ingest.cli.simulate", "--devices", "2"],
         capture_output=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 2

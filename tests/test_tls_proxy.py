@@ -20,7 +20,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import Config
-from teltonika_ingest.tap import IngestService
+from teltonika_ingest.server.tap import IngestService
 
 from device import DeviceProtocol, connect_device
 from redisproc import RedisProcess

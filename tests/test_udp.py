@@ -14,8 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from teltonika_ingest.codec import AvlPacket, UdpPacket, encode_udp_datagram
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.udp_listener import UdpListener
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.udp import UdpListener
 
 from device import wait_for
 from redisproc import RedisProcess

@@ -14,7 +14,7 @@ import sys
 import uuid
 from typing import Any
 
-from teltonika_ingest.cliredis import (
+from teltonika_ingest.redis.blocking import (
     CliError,
     add_redis_arguments,
     as_dict,
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _command_fields(args: argparse.Namespace) -> tuple[list[str], str]:
     """The stream entry's fields, checked as the service will check them."""
-    from teltonika_ingest.commands import InvalidCommand, parse_entry
+    from teltonika_ingest.server.commands.entries import InvalidCommand, parse_entry
 
     request_id = args.id if args.id is not None else f"cli-{uuid.uuid4().hex}"
     payload_field = "hex" if args.hex else "text"
@@ -164,8 +164,8 @@ async def _send(
     wait: float,
     state: dict[str, Any],
 ) -> int:
-    from teltonika_ingest.commands import RESULTS_KEY, command_stream
-    from teltonika_ingest.registry import REGISTRY_KEY, heartbeat_key
+    from teltonika_ingest.server.commands.entries import RESULTS_KEY, command_stream
+    from teltonika_ingest.server.registry import REGISTRY_KEY, heartbeat_key
 
     imei = args.imei
     instance = await client.execute("HGET", REGISTRY_KEY, imei)
@@ -250,7 +250,7 @@ def _report(args: argparse.Namespace, result: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m teltonika_ingest.command_cmd IMEI TEXT ...`` (same as the subcommand)."""
+    """``python -m teltonika_ingest.cli.command IMEI TEXT ...`` (same as the subcommand)."""
     parser = argparse.ArgumentParser(prog="teltonika-ingest")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["command", *(sys.argv[1:] if argv is None else argv)])

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from .codec import (
+from teltonika_ingest.codec import (
     AvlFrame,
     AvlRecord,
     CodecError,

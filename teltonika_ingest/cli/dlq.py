@@ -16,7 +16,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from teltonika_ingest.cliredis import (
+from teltonika_ingest.redis.blocking import (
     CliError,
     add_redis_arguments,
     as_dict,
@@ -128,8 +128,8 @@ async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from teltonika_ingest.codec import AVL_CODECS, CodecError, decode_avl_frame
-    from teltonika_ingest.metrics import Metrics
-    from teltonika_ingest.publisher import Publisher
+    from teltonika_ingest.server.metrics import Metrics
+    from teltonika_ingest.server.publisher import Publisher
 
     dlq = stream + ":dlq"
     publisher = Publisher(

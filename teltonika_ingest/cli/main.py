@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "teltonika_ingest.decode_cmd",
-    "teltonika_ingest.command_cmd",
-    "teltonika_ingest.dlq_cmd",
-    "teltonika_ingest.simulate_cmd",
-    "teltonika_ingest.verify_cmd",
+    "teltonika_ingest.cli.decode",
+    "teltonika_ingest.cli.command",
+    "teltonika_ingest.cli.dlq",
+    "teltonika_ingest.cli.simulate",
+    "teltonika_ingest.cli.verify",
 )
 
 

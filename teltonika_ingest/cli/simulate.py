@@ -200,7 +200,7 @@ def _imei_base(text: str) -> int:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from teltonika_ingest.simulate import SimConfig
+    from teltonika_ingest.sim.traffic import SimConfig
 
     config = SimConfig(
         host=args.host,
@@ -294,7 +294,7 @@ def _run_load(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     reactor: Any = _reactor
 
-    from teltonika_ingest.simulate import Simulation
+    from teltonika_ingest.sim.simulation import Simulation
 
     config = _config(args)
     _raise_fd_limit(config.devices * 2 + 64)
@@ -309,7 +309,7 @@ def _run_load(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     ack_log: Any = None
     on_ack = None
     if getattr(args, "ack_log", None):
-        from teltonika_ingest.invariant import AckLogWriter
+        from teltonika_ingest.sim.invariant import AckLogWriter
 
         ack_log = AckLogWriter(args.ack_log)
 
@@ -369,7 +369,7 @@ def _child_argv(args: argparse.Namespace, first: int, count: int, total: int) ->
     argv = [
         sys.executable,
         "-m",
-        "teltonika_ingest.simulate_cmd",
+        "teltonika_ingest.cli.simulate",
         "--host", args.host,
         "--port", str(args.port),
         "--devices", str(count),
@@ -408,7 +408,7 @@ def _child_argv(args: argparse.Namespace, first: int, count: int, total: int) ->
 
 
 def _run_processes(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from teltonika_ingest.simulate import merge_summaries
+    from teltonika_ingest.sim.stats import merge_summaries
 
     _config(args)  # validate before forking anything
     n = max(1, min(args.processes, args.devices or 1))
@@ -513,7 +513,8 @@ def _run_replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     reactor: Any = _reactor
 
-    from teltonika_ingest.simulate import imei_for, parse_replay, replay
+    from teltonika_ingest.sim.replay import parse_replay, replay
+    from teltonika_ingest.sim.traffic import imei_for
 
     if args.replay == "-":
         text = sys.stdin.read()

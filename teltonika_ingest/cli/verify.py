@@ -1,7 +1,7 @@
 """``teltonika-ingest verify ACKLOG...``: check that no ACKed record is missing from the stream.
 
 Reads one or more ACK logs (what devices were ACKed: JSON lines ``{"imei": ..., "ts": ...}`` or
-CSV ``imei,ts``; see ``teltonika_ingest/invariant.py`` for the format; ``teltonika-ingest
+CSV ``imei,ts``; see ``teltonika_ingest/sim/invariant.py`` for the format; ``teltonika-ingest
 simulate --ack-log FILE`` writes one) and the telemetry stream (``XRANGE`` in batches), and
 reports:
 
@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from teltonika_ingest.cliredis import CliError, add_redis_arguments, redis_target
+from teltonika_ingest.redis.blocking import CliError, add_redis_arguments, redis_target
 
 PROG = "teltonika-ingest verify"
 EXIT_MISSING = 2
@@ -66,7 +66,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from teltonika_ingest.invariant import (
+    from teltonika_ingest.sim.invariant import (
         DEFAULT_STREAM,
         SyncRedisError,
         parse_ts,

@@ -103,7 +103,7 @@ def run_on_reactor(
     from twisted.internet import defer
     from twisted.internet import reactor as global_reactor
 
-    from teltonika_ingest.redisclient import RedisClient
+    from teltonika_ingest.redis.client import RedisClient
 
     reactor: Any = global_reactor
     state: dict[str, Any] = {}

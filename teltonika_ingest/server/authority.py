@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from teltonika_ingest.codec.imei import luhn_digit
-from teltonika_ingest.redisclient import RedisClient
+from teltonika_ingest.redis.client import RedisClient
 
 __all__ = [
     "AllowListFile",

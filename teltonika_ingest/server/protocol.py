@@ -20,8 +20,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.session import (
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.session import (
     Accepted,
     Action,
     Authorize,
@@ -41,8 +41,8 @@ from teltonika_ingest.session import (
 )
 
 if TYPE_CHECKING:
-    from teltonika_ingest.publisher import Publisher
-    from teltonika_ingest.registry import Registry
+    from teltonika_ingest.server.publisher import Publisher
+    from teltonika_ingest.server.registry import Registry
 
 log = Logger()
 

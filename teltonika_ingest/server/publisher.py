@@ -26,14 +26,14 @@ from twisted.python.failure import Failure
 from teltonika_ingest.codec import AvlFrame, AvlPacket, format_timestamp, record_payload
 from teltonika_ingest.codec.imei import IMEI_LENGTH
 from teltonika_ingest.codec.payload import payloads_from_parts
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.redisclient import (
+from teltonika_ingest.redis.client import (
     RedisClient,
     RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
     Script,
 )
+from teltonika_ingest.server.metrics import Metrics
 
 log = Logger()
 

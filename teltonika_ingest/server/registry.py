@@ -17,8 +17,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.redisclient import RedisClient, Script
+from teltonika_ingest.redis.client import RedisClient, Script
+from teltonika_ingest.server.metrics import Metrics
 
 log = Logger()
 

@@ -18,17 +18,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from teltonika_ingest import logsetup
-from teltonika_ingest.authority import build_authority, install_sighup
 from teltonika_ingest.codec.accel import compiled_path_status
-from teltonika_ingest.commands import CommandRouter
 from teltonika_ingest.config import Config, Options
-from teltonika_ingest.http import operations_site
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.protocol import SessionSettings, TeltonikaFactory
-from teltonika_ingest.publisher import Publisher
-from teltonika_ingest.redisclient import RedisClient
-from teltonika_ingest.registry import Registry
-from teltonika_ingest.udp_listener import UdpListener
+from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.server.authority import build_authority, install_sighup
+from teltonika_ingest.server.commands.router import CommandRouter
+from teltonika_ingest.server.http import operations_site
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
+from teltonika_ingest.server.publisher import Publisher
+from teltonika_ingest.server.registry import Registry
+from teltonika_ingest.server.udp import UdpListener
 
 log = Logger()
 
@@ -77,7 +77,7 @@ class IngestService(service.MultiService):
         self.embedded: Any = None
         target = config.redis
         if target is None:
-            from teltonika_ingest.embedded_redis import EmbeddedRedisService
+            from teltonika_ingest.redis.embedded import EmbeddedRedisService
 
             self.embedded = EmbeddedRedisService(config.data_dir, reactor=reactor)
             self.embedded.setServiceParent(self)
@@ -387,7 +387,7 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     if config.redis is None:
         from twisted.python import usage
 
-        from teltonika_ingest.embedded_redis import EmbeddedRedisError, find_redis_server
+        from teltonika_ingest.redis.embedded import EmbeddedRedisError, find_redis_server
 
         try:  # fail start-up with one line, not a traceback from startService
             find_redis_server()

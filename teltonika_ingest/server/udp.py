@@ -17,8 +17,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from teltonika_ingest.codec import CodecError, decode_udp_datagram, encode_udp_ack
-from teltonika_ingest.metrics import Metrics
-from teltonika_ingest.publisher import Publisher
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.publisher import Publisher
 
 log = Logger()
 

@@ -48,7 +48,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from teltonika_ingest.redisclient import RedisTargetLike
+from teltonika_ingest.redis.client import RedisTargetLike
 
 __all__ = [
     "AckLog",

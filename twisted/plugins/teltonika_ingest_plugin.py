@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 teltonika_ingest = ServiceMaker(
     "teltonika-ingest",
-    "teltonika_ingest.tap",
+    "teltonika_ingest.server.tap",
     "Teltonika GPS tracker ingestion: Codec 8/8E/16 to a Redis stream, Codec 12/14 commands",
     "teltonika-ingest",
 )

@@ -1,0 +1,1 @@
+"""The ``teltonika-ingest`` console script: ``main`` dispatches, one module per subcommand."""

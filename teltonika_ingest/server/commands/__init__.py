@@ -1,0 +1,1 @@
+"""GPRS commands (Codec 12/14): entry validation (``entries``) and the router (``router``)."""

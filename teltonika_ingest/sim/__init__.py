@@ -1,0 +1,1 @@
+"""The device simulator (load generator, replay) and the ACK-log invariant checker."""
