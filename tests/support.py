@@ -72,14 +72,21 @@ class FakePublisher:
         self.calls: list[tuple[str, Any, defer.Deferred[Any]]] = []
         self.dead: list[tuple[str, str, str, bytes, defer.Deferred[Any]]] = []
         self.inflight = 0
+        self.replied_at = 0.0  # as Publisher: when the last publish call was answered
+        self.frame_times: list[float | None] = []
 
-    def publish(self, imei: str, packet: AvlPacket, received_ms: int) -> defer.Deferred[Any]:
+    def publish(
+        self, imei: str, packet: AvlPacket, received_ms: int, frame_at: float | None = None
+    ) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         self.calls.append((imei, packet, d))
+        self.frame_times.append(frame_at)
         return d
 
-    def publish_frame(self, imei: str, frame: Any, received_ms: int) -> defer.Deferred[Any]:
-        return self.publish(imei, frame.packet, received_ms)
+    def publish_frame(
+        self, imei: str, frame: Any, received_ms: int, frame_at: float | None = None
+    ) -> defer.Deferred[Any]:
+        return self.publish(imei, frame.packet, received_ms, frame_at)
 
     def dead_letter(
         self, imei: str, codec: str, reason: str, raw: bytes, received_ms: int

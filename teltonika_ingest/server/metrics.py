@@ -26,10 +26,29 @@ _FAST_BUCKETS = (
     5.0,
     10.0,
 )
+# Event-loop stalls and collector pauses: from well under a millisecond (a healthy loop) to
+# seconds (a stall that makes devices resend).
+_STALL_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 _COMMAND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 HANDSHAKE_RESULTS = ("accepted", "rejected", "malformed", "timeout")
 FRAME_RESULTS = ("ok", "crc_fail", "malformed", "dead_lettered", "too_large", "unknown_codec")
+GC_GENERATIONS = ("0", "1", "2")
 COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
 
 
@@ -205,9 +224,40 @@ class Metrics:
             registry=registry,
         )
 
+        # --- where a slow ACK comes from (docs/profile.md, "Tail latency")
+        self.reactor_lag = Histogram(
+            "teltonika_reactor_lag_seconds",
+            "How late a periodic event-loop timer fired (every 0.1 s): the loop was busy or "
+            "the process was not scheduled.",
+            buckets=_STALL_BUCKETS,
+            registry=registry,
+        )
+        self.gc_pause = Histogram(
+            "teltonika_gc_pause_seconds",
+            "Garbage collector pauses, by generation (0, 1, 2).",
+            ["generation"],
+            buckets=_STALL_BUCKETS,
+            registry=registry,
+        )
+        self.frame_to_publish = Histogram(
+            "teltonika_frame_to_publish_seconds",
+            "Time from a complete frame (or UDP datagram) received to its publish call sent to "
+            "Redis (batching and --max-inflight waits).",
+            buckets=_STALL_BUCKETS,
+            registry=registry,
+        )
+        self.reply_to_ack = Histogram(
+            "teltonika_reply_to_ack_seconds",
+            "Time from Redis' reply to a publish call to the ACK of one of its packets written.",
+            buckets=_STALL_BUCKETS,
+            registry=registry,
+        )
+
         # Make the labelled series visible (at 0) before the first event, so that
         # rate() and alert rules work from the start.
         for result in HANDSHAKE_RESULTS:
             self.handshakes.labels(result=result)
         for status in COMMAND_STATUSES:
             self.commands.labels(status=status)
+        for generation in GC_GENERATIONS:
+            self.gc_pause.labels(generation=generation)

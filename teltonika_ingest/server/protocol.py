@@ -307,7 +307,9 @@ class TeltonikaProtocol(Protocol):
         factory.hot_metrics(codec)[0].inc()
         received_at = self._frame_received_at
         imei = self.imei or ""
-        d = factory.publisher.publish_frame(imei, frame, int(factory.clock.seconds() * 1000))
+        d = factory.publisher.publish_frame(
+            imei, frame, int(factory.clock.seconds() * 1000), received_at
+        )
         # Only what the ACK needs rides along: the decoded records are released as soon as
         # the payloads are built, not held while Redis answers.
         d.addCallbacks(
@@ -323,7 +325,10 @@ class TeltonikaProtocol(Protocol):
         factory = self.factory
         factory.hot_metrics(codec)[1].inc(records)
         self._run(session.published())
-        factory.metrics.ack_latency.observe(factory.clock.seconds() - received_at)
+        now = factory.clock.seconds()
+        metrics = factory.metrics
+        metrics.ack_latency.observe(now - received_at)
+        metrics.reply_to_ack.observe(now - factory.publisher.replied_at)
         if factory.log_packets:  # per-packet debug costs ~5 % of the hot path: only when asked
             log.debug(
                 "ACKed {records} records ({codec}) for {imei}",

@@ -148,18 +148,28 @@ class Publisher:
         # the batch being filled: script arguments, (Deferred, records) per packet, sizes
         self._args: list[Any] = [self._maxlen_arg]
         self._batch: _Batch = []
+        self._frame_times: list[float] = []  # when each packet of the batch was complete
         self._batch_records = 0
         self._batch_bytes = 0
         self._flush_call: IDelayedCall | None = None
-        # packets waiting for an in-flight slot: (args segment, Deferred, records, bytes)
-        self._waiting: list[tuple[list[Any], defer.Deferred[int], int, int]] = []
+        # packets waiting for an in-flight slot: (args segment, Deferred, records, bytes,
+        # when complete)
+        self._waiting: list[tuple[list[Any], defer.Deferred[int], int, int, float]] = []
+        #: clock.seconds() of the last publish call Redis answered: the packets' callbacks run
+        #: right after it (the ACKs: teltonika_reply_to_ack_seconds)
+        self.replied_at = 0.0
         metrics.publish_inflight.set_function(lambda: self.inflight)
         metrics.publish_waiting.set_function(lambda: len(self._waiting))
 
     # ------------------------------------------------------------------ telemetry
 
-    def publish(self, imei: str, packet: AvlPacket, received_ms: int) -> defer.Deferred[int]:
-        """XADD every record of ``packet``; fires with the record count once Redis has them."""
+    def publish(
+        self, imei: str, packet: AvlPacket, received_ms: int, frame_at: float | None = None
+    ) -> defer.Deferred[int]:
+        """XADD every record of ``packet``; fires with the record count once Redis has them.
+
+        ``frame_at`` (``clock.seconds()``; default now) is when the packet was complete: the
+        wait until its publish call is sent is ``teltonika_frame_to_publish_seconds``."""
         codec = packet.codec
         received_at = format_timestamp(received_ms)
         records = packet.records
@@ -170,21 +180,27 @@ class Publisher:
             size += len(payload)
             segment.append(format_timestamp(record.timestamp_ms))
             segment.append(payload)
-        return self._enqueue(segment, len(records), size)
+        return self._enqueue(segment, len(records), size, frame_at)
 
-    def publish_frame(self, imei: str, frame: AvlFrame, received_ms: int) -> defer.Deferred[int]:
+    def publish_frame(
+        self, imei: str, frame: AvlFrame, received_ms: int, frame_at: float | None = None
+    ) -> defer.Deferred[int]:
         """:meth:`publish` for a framed packet: uses the payload pieces of the compiled path
         (``frame.parts``) when there are some, else the decoded packet."""
         parts = frame.parts
         if parts is None or not (len(imei) == IMEI_LENGTH and imei.isdigit()):
-            return self.publish(imei, frame.packet, received_ms)
+            return self.publish(imei, frame.packet, received_ms, frame_at)
         flat = payloads_from_parts(imei, format_timestamp(received_ms), parts)
         count = frame.record_count
         segment: list[Any] = [imei, frame.codec, count, *flat]
-        return self._enqueue(segment, count, sum(map(len, flat)))
+        return self._enqueue(segment, count, sum(map(len, flat)), frame_at)
 
-    def _enqueue(self, segment: list[Any], records: int, size: int) -> defer.Deferred[int]:
+    def _enqueue(
+        self, segment: list[Any], records: int, size: int, frame_at: float | None
+    ) -> defer.Deferred[int]:
         d: defer.Deferred[int] = defer.Deferred()
+        if frame_at is None:
+            frame_at = self.clock.seconds()
         if self.inflight + len(self._batch) >= self.max_inflight or self._waiting:
             waiting = self._waiting
             if len(waiting) >= self.max_waiting:
@@ -193,16 +209,19 @@ class Publisher:
                 return defer.fail(
                     PublishOverflow(f"{self.inflight} publishes in flight, {len(waiting)} waiting")
                 )
-            waiting.append((segment, d, records, size))
+            waiting.append((segment, d, records, size, frame_at))
             if len(waiting) >= self.max_inflight and not self.under_pressure:
                 self._set_pressure(True)
             return d
-        self._add(segment, d, records, size)
+        self._add(segment, d, records, size, frame_at)
         return d
 
-    def _add(self, segment: list[Any], d: defer.Deferred[int], records: int, size: int) -> None:
+    def _add(
+        self, segment: list[Any], d: defer.Deferred[int], records: int, size: int, frame_at: float
+    ) -> None:
         self._args += segment
         self._batch.append((d, records))
+        self._frame_times.append(frame_at)
         self._batch_records += records
         self._batch_bytes += size
         if (
@@ -222,11 +241,17 @@ class Publisher:
         if not batch:
             return
         args = self._args
+        frame_times = self._frame_times
         self._args = [self._maxlen_arg]
         self._batch = []
+        self._frame_times = []
         self._batch_records = self._batch_bytes = 0
         self.inflight += len(batch)
         d = self.redis.run_script(PUBLISH_SCRIPT, self._keys, args)
+        now = self.clock.seconds()
+        observe = self.metrics.frame_to_publish.observe
+        for frame_at in frame_times:
+            observe(now - frame_at)
         d.addCallbacks(
             self._batch_done,
             self._batch_failed,
@@ -237,7 +262,8 @@ class Publisher:
     def _batch_done(self, _total: Any, batch: _Batch, started: float) -> None:
         self.inflight -= len(batch)
         observe = self.metrics.publish_duration.observe
-        elapsed = self.clock.seconds() - started
+        self.replied_at = now = self.clock.seconds()
+        elapsed = now - started
         for d, records in batch:
             observe(elapsed)
             d.callback(records)
@@ -258,8 +284,8 @@ class Publisher:
             room = self.max_inflight - self.inflight - len(self._batch)
             if room > 0:
                 admitted, self._waiting = waiting[:room], waiting[room:]
-                for segment, d, records, size in admitted:
-                    self._add(segment, d, records, size)
+                for segment, d, records, size, frame_at in admitted:
+                    self._add(segment, d, records, size, frame_at)
         if self.under_pressure and not self._waiting:
             self._set_pressure(False)
         if self.inflight == 0 and not self._batch and not self._waiting and self._drain_waiters:

@@ -24,6 +24,7 @@ from teltonika_ingest.redis.client import RedisClient
 from teltonika_ingest.server.authority import build_authority, install_sighup
 from teltonika_ingest.server.commands.router import CommandRouter
 from teltonika_ingest.server.http import operations_site
+from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.server.publisher import Publisher
@@ -72,6 +73,12 @@ class IngestService(service.MultiService):
         self.log_observer = log_observer
         self._stop_counting_errors: Callable[[], None] | None = None
         self._uninstall_sighup: Callable[[], None] | None = None
+
+        # --- event-loop health: reactor lag and GC pauses (stopped last, see _shutdown)
+        self.reactor_lag = ReactorLagMonitor(self.metrics.reactor_lag, reactor)
+        self.reactor_lag.setServiceParent(self)
+        self.gc_pauses = GcPauseMonitor(self.metrics.gc_pause)
+        self.gc_pauses.setServiceParent(self)
 
         # --- Redis (embedded child process when no URL is configured)
         self.embedded: Any = None
@@ -329,6 +336,8 @@ class IngestService(service.MultiService):
         await self.registry_redis.stopService()
         if self.embedded is not None:
             await self.embedded.stopService()
+        self.reactor_lag.stopService()
+        self.gc_pauses.stopService()
         if watchdog.active():
             watchdog.cancel()
         log.info("shutdown complete")

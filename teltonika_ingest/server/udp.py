@@ -85,7 +85,7 @@ class UdpListener(DatagramProtocol):
         marker = (pkt.imei, pkt.avl_packet_id, digest)
         self._in_progress.add(marker)
         received = now
-        d = self.publisher.publish(pkt.imei, pkt.packet, int(now * 1000))
+        d = self.publisher.publish(pkt.imei, pkt.packet, int(now * 1000), now)
 
         def published(_: Any) -> None:
             self._in_progress.discard(marker)
@@ -93,7 +93,9 @@ class UdpListener(DatagramProtocol):
             metrics.records.labels(codec=codec).inc(count)
             metrics.udp_datagrams.labels(result="ok").inc()
             self._write(encode_udp_ack(pkt.packet_id, pkt.avl_packet_id, count), addr)
-            metrics.ack_latency.observe(self.clock.seconds() - received)
+            acked = self.clock.seconds()
+            metrics.ack_latency.observe(acked - received)
+            metrics.reply_to_ack.observe(acked - self.publisher.replied_at)
 
         def failed(failure: Failure) -> None:
             self._in_progress.discard(marker)
