@@ -631,7 +631,7 @@ _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode (framer, CRC, AVL records)", ("teltonika_ingest/codec/", "<teltonika")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("logging (twisted.logger)", ("twisted/logger/", "twisted/python/log.py:msg")),
-    ("Redis client (txredisapi, redisclient)", ("txredisapi", "teltonika_ingest/redis/client.py")),
+    ("Redis client (txredisapi, redis.client)", ("txredisapi", "teltonika_ingest/redis/client.py")),
     ("publisher", ("teltonika_ingest/server/publisher.py",)),
     (
         "session + protocol",

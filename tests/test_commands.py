@@ -34,7 +34,8 @@ from teltonika_ingest.server.commands.entries import (
     entry_time_ms,
     parse_entry,
 )
-from teltonika_ingest.server.commands.router import RECORD_OUTCOME, CommandRouter
+from teltonika_ingest.server.commands.outcomes import RECORD_OUTCOME, OutcomeWriter
+from teltonika_ingest.server.commands.router import CommandRouter
 from teltonika_ingest.server.protocol import TeltonikaProtocol
 
 from support import IMEI, Harness, avl_frame
@@ -595,12 +596,12 @@ class OutcomeWriteTests(SynchronousTestCase):
         writer.calls[0][2].errback(RedisUnavailable("down"))
         self.assertEqual(env.router.unwritten, 1)
         self.assertEqual(env.router.held, 1)  # still held: the entry stays pending
-        env.clock.advance(env.router.retry_min)
+        env.clock.advance(env.router.outcomes.retry_min)
         self.assertEqual(len(writer.calls), 2)
         writer.calls[1][2].errback(RedisUnavailable("down"))
-        env.clock.advance(env.router.retry_min)
+        env.clock.advance(env.router.outcomes.retry_min)
         self.assertEqual(len(writer.calls), 2)  # backing off: the delay doubled
-        env.clock.advance(env.router.retry_min)
+        env.clock.advance(env.router.outcomes.retry_min)
         self.assertEqual(len(writer.calls), 3)
         self.assertEqual(writer.calls[2][1], writer.calls[0][1])  # the very same outcome
         writer.calls[2][2].callback("5-0")
@@ -650,6 +651,56 @@ class OutcomeWriteTests(SynchronousTestCase):
         calls = len(writer.calls)
         env.clock.advance(600)
         self.assertEqual(len(writer.calls), calls)  # no retries after closing
+
+
+class OutcomeWriterTests(SynchronousTestCase):
+    """The writer on its own (no router): holds, bounds and close."""
+
+    def writer(self, fake: FakeWriter, **kw: Any) -> tuple[OutcomeWriter, list[str]]:
+        seen: list[str] = []
+        h = Harness()
+        outcomes = OutcomeWriter(
+            fake,
+            clock=h.clock,
+            instance_id="test-a",
+            stream_key="commands:instance:test-a",
+            metrics=h.metrics,
+            on_written=lambda o: seen.append(o.key),
+            **kw,
+        )
+        return outcomes, seen
+
+    def test_holds_an_entry_until_written_then_reports_it(self) -> None:
+        fake = FakeWriter(auto=False)
+        outcomes, seen = self.writer(fake)
+        outcomes.record("1-0", "a", IMEI, "timeout", "late")
+        self.assertTrue(outcomes.holds("1-0"))
+        self.assertEqual((outcomes.unwritten, outcomes.unwritten_entries), (1, 1))
+        fake.calls[0][2].callback("9-0")
+        self.assertFalse(outcomes.holds("1-0"))
+        self.assertEqual((outcomes.unwritten, seen), (0, ["1-0"]))
+
+    def test_device_messages_beyond_the_bound_are_dropped(self) -> None:
+        fake = FakeWriter(auto=False)
+        outcomes, _ = self.writer(fake, max_messages_unwritten=2)
+        for _ in range(3):
+            outcomes.message(IMEI, CommandMessage("13", TYPE_COMMAND, b"hi", timestamp_ms=0))
+        self.assertEqual(len(fake.calls), 2)
+        self.assertEqual((outcomes.unwritten, outcomes.unwritten_entries), (2, 0))
+        fake.calls[0][2].callback("1-0")
+        outcomes.message(IMEI, CommandMessage("13", TYPE_COMMAND, b"hi", timestamp_ms=0))
+        self.assertEqual(len(fake.calls), 3)  # room again
+
+    def test_close_drops_unwritten_and_stops_retrying(self) -> None:
+        fake = FakeWriter(auto=False)
+        outcomes, seen = self.writer(fake)
+        outcomes.record("1-0", "a", IMEI, "ok", "x")
+        fake.calls[0][2].errback(RedisUnavailable("down"))
+        self.assertEqual(outcomes.close(), 1)
+        outcomes.clock.advance(600)
+        self.assertEqual((len(fake.calls), seen), (1, []))
+        self.assertIsNone(outcomes.record("2-0", "b", IMEI, "ok", "y"))  # counted, not written
+        self.assertEqual(len(fake.calls), 1)
 
 
 class ShutdownTests(SynchronousTestCase):

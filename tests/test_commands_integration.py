@@ -26,7 +26,8 @@ from teltonika_ingest.codec import (
     encode_command_message,
 )
 from teltonika_ingest.server.commands.entries import GROUP, RESULTS_KEY
-from teltonika_ingest.server.commands.router import RECORD_OUTCOME, CommandRouter
+from teltonika_ingest.server.commands.outcomes import RECORD_OUTCOME
+from teltonika_ingest.server.commands.router import CommandRouter
 
 import test_service_integration as service_integration
 from device import expect_frame, http_get, wait_for

@@ -10,13 +10,15 @@ records **exactly one** outcome per entry in ``commands:results``:
 ``invalid``; plus ``message`` entries for what devices send on their own (Codec 13, or a
 Codec 12/14 answer arriving when no command is in flight, e.g. after its command timed out).
 
-Exactly one outcome: the outcome's ``XADD`` and the entry's ``XACK`` run in one Lua script
-(:data:`RECORD_OUTCOME`), which first checks that the entry is still pending in the group: a
-retry after a lost reply never writes a second outcome, and an entry whose outcome was written
-is never read again. An entry stays pending until its outcome is written: after a crash or a
-restart, the instance reads its own pending entries first (``XREADGROUP ... 0``) and handles
-them again. The command may then reach the device a second time (if the first attempt got as
-far as the socket): delivery to the device is at-least-once, the recorded outcome exactly-once.
+Exactly one outcome: the router decides it and hands it to the
+:class:`~teltonika_ingest.server.commands.outcomes.OutcomeWriter` (the outcome's ``XADD`` and
+the entry's ``XACK`` in one Lua script that first checks the entry is still pending, retried
+until Redis takes it). The router holds an entry until its outcome is written, so it never
+hands the same entry to a device twice. An entry stays pending in the group until its outcome
+is written: after a crash or a restart, the instance reads its own pending entries first
+(``XREADGROUP ... 0``) and handles them again. The command may then reach the device a
+second time (if the first attempt got as far as the socket): delivery to the device is
+at-least-once, the recorded outcome exactly-once.
 
 An entry older than its own timeout when the router first sees it (entry id time vs. now) gets
 ``timeout`` without being sent: a stale ``setdigout 1`` must not fire hours later.
@@ -28,7 +30,6 @@ service's shared client for outcome writes (so outcomes are not queued behind a 
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,24 +37,16 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from teltonika_ingest.codec import (
-    TYPE_NACK,
-    CommandMessage,
-    encode_command,
-    format_timestamp,
-)
+from teltonika_ingest.codec import TYPE_NACK, CommandMessage, encode_command
 from teltonika_ingest.redis.client import (
     RedisClient,
     RedisError,
     RedisReplyError,
     RedisTargetLike,
-    Script,
 )
 from teltonika_ingest.server.commands.entries import (
     GROUP,
-    RESULTS_KEY,
     RESULTS_MAXLEN,
     CommandRequest,
     InvalidCommand,
@@ -61,39 +54,16 @@ from teltonika_ingest.server.commands.entries import (
     entry_time_ms,
     parse_entry,
 )
+from teltonika_ingest.server.commands.outcomes import Outcome, OutcomeWriter
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.session import PendingCommand
 
 if TYPE_CHECKING:
     from teltonika_ingest.server.protocol import TeltonikaFactory, TeltonikaProtocol
 
-__all__ = ["RECORD_OUTCOME", "CommandRouter"]
+__all__ = ["CommandRouter"]
 
 log = Logger()
-
-# KEYS[1] results stream, KEYS[2] command stream.
-# ARGV[1] results MAXLEN (~), ARGV[2] group, ARGV[3] command entry id ('' for device
-# messages), ARGV[4..] the outcome's field/value pairs.
-# Returns the new results entry id, or 0 when the entry is no longer pending in the group
-# (its outcome was already recorded: this is a retry of a write whose reply was lost).
-# If the group or the stream is gone (XPENDING fails), the outcome is written anyway.
-RECORD_OUTCOME = Script(
-    """
-local entry = ARGV[3]
-if entry ~= '' then
-  local pending = redis.pcall('XPENDING', KEYS[2], ARGV[2], entry, entry, 1)
-  if type(pending) == 'table' and pending['err'] == nil and #pending == 0 then
-    return 0
-  end
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
-if entry ~= '' then
-  redis.pcall('XACK', KEYS[2], ARGV[2], entry)
-end
-return id
-"""
-)
-
 
 # --------------------------------------------------------------------------- state
 
@@ -110,26 +80,6 @@ class _Command:
     timer: Any = None
     sent_at: float | None = None
     done: bool = False
-
-
-@attrs.define(eq=False)
-class _Outcome:
-    """A decided outcome waiting to be written (kept and retried until Redis takes it)."""
-
-    key: str
-    entry_id: str  # "" for device messages
-    status: str
-    fields: list[str]
-    writing: bool = False
-    failures: int = 0
-
-
-def _is_printable_response(payload: bytes) -> bool:
-    try:
-        text = payload.decode("ascii")
-    except UnicodeDecodeError:
-        return False
-    return all(" " <= c <= "~" or c in "\r\n\t" for c in text)
 
 
 # --------------------------------------------------------------------------- the router
@@ -194,9 +144,7 @@ class CommandRouter(Service):
         self.factory = factory
         self.instance_id = instance_id
         self.stream_key = command_stream(instance_id)
-        self.results_key = RESULTS_KEY
         self.reader = reader
-        self.writer = writer
         # IReactorTime (typed Any: mypy cannot check zope interfaces without a plugin)
         self.clock: Any = clock if clock is not None else reactor
         self.metrics = metrics if metrics is not None else factory.metrics
@@ -204,19 +152,21 @@ class CommandRouter(Service):
         self.max_command_length = max_command_length
         self.block_ms = max(1, int(block_seconds * 1000))
         self.batch_size = batch_size
-        self.results_maxlen = results_maxlen
         self.max_held = max_held
-        self.max_messages_unwritten = max_messages_unwritten
 
         #: entry id -> command awaiting its outcome, or outcome awaiting its write
-        self._held: dict[str, _Command | _Outcome] = {}
-        #: key -> outcome not yet written (commands by entry id, messages by "msg:N")
-        self._outbox: dict[str, _Outcome] = {}
-        self._messages_unwritten = 0
-        self._message_seq = 0
-        self._retry_call: Any = None
-        self._retry_delay = self.retry_min
-        self._drain_waiters: list[defer.Deferred[None]] = []
+        #: entry id -> command accepted and not yet decided (decided ones the writer holds)
+        self._held: dict[str, _Command] = {}
+        self.outcomes = OutcomeWriter(
+            writer,
+            clock=self.clock,
+            instance_id=instance_id,
+            stream_key=self.stream_key,
+            metrics=self.metrics,
+            results_maxlen=results_maxlen,
+            max_messages_unwritten=max_messages_unwritten,
+            on_written=self._outcome_written,
+        )
         self._room_waiter: defer.Deferred[None] | None = None
         self._sleep_call: Any = None
         self._sleep_d: defer.Deferred[None] | None = None
@@ -260,13 +210,7 @@ class CommandRouter(Service):
         """Shutdown, after the device connections closed and before Redis closes: wait (at
         most ``timeout``) until every decided outcome is written, then drop all timers.
         Fires with the number of outcomes left unwritten (their entries stay pending)."""
-        done: defer.Deferred[None] = defer.Deferred()
-        if self._outbox:
-            self._drain_waiters.append(done)
-            if self._retry_call is not None and self._retry_call.active():
-                self._retry_call.reset(0)  # retry now rather than after the backoff
-        else:
-            done.callback(None)
+        done = self.outcomes.flush()
 
         def give_up() -> None:
             if not done.called:
@@ -283,18 +227,15 @@ class CommandRouter(Service):
 
     def _close(self) -> int:
         self._closed = True
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
+        unwritten = self.outcomes.close()
         left_pending = 0
         for held in list(self._held.values()):
-            if isinstance(held, _Command) and not held.done:
+            if not held.done:
                 held.done = True
                 self._cancel_timer(held)
                 if held.sent_at is not None:
                     self.metrics.commands_inflight.dec()
                 left_pending += 1
-        unwritten = len(self._outbox)
         if unwritten or left_pending:
             log.warn(
                 "command router closing with {unwritten} outcomes unwritten and {left} commands "
@@ -304,17 +245,19 @@ class CommandRouter(Service):
                 stream=self.stream_key,
             )
         self._held.clear()
-        self._outbox.clear()
         return unwritten
 
     @property
     def held(self) -> int:
         """Commands accepted and not yet recorded (decided or not)."""
-        return len(self._held)
+        return len(self._held) + self.outcomes.unwritten_entries
+
+    def _holds(self, entry_id: str) -> bool:
+        return entry_id in self._held or self.outcomes.holds(entry_id)
 
     @property
     def unwritten(self) -> int:
-        return len(self._outbox)
+        return self.outcomes.unwritten
 
     # ------------------------------------------------------------------ reading
 
@@ -338,7 +281,7 @@ class CommandRouter(Service):
 
     def _room(self) -> defer.Deferred[None] | None:
         """A Deferred to wait on while too many commands are held in memory."""
-        if len(self._held) < self.max_held:
+        if self.held < self.max_held:
             return None
         self._room_waiter = defer.Deferred()
         return self._room_waiter
@@ -366,7 +309,7 @@ class CommandRouter(Service):
                         pending_from = entry_id
                         if self._stopping:
                             break
-                        if entry_id not in self._held:
+                        if not self._holds(entry_id):
                             self._handle(entry_id, fields, redelivered=True)
                     continue
                 room = self._room()
@@ -448,7 +391,7 @@ class CommandRouter(Service):
 
     def handle_entry(self, entry_id: str, fields: Sequence[Any] | None) -> None:
         """Handle one entry of the command stream (what the reader does for each)."""
-        if entry_id in self._held:
+        if self._holds(entry_id):
             return
         self._handle(entry_id, fields)
 
@@ -459,7 +402,7 @@ class CommandRouter(Service):
             self._accept(entry_id, fields, redelivered)
         except Exception as e:
             log.failure("unexpected error handling command entry {entry}", entry=entry_id)
-            if entry_id not in self._held:
+            if not self._holds(entry_id):
                 self._record(entry_id, "", "", "invalid", f"internal error handling the entry: {e}")
 
     def _accept(self, entry_id: str, fields: Sequence[Any] | None, redelivered: bool) -> None:
@@ -578,28 +521,7 @@ class CommandRouter(Service):
         """A Codec 13 message, or a Codec 12/14 frame with no command in flight."""
         if self._closed:
             return
-        if self._messages_unwritten >= self.max_messages_unwritten:
-            log.warn(
-                "dropping a Codec {codec} message from {imei}: {n} device messages await Redis",
-                codec=message.codec,
-                imei=imei,
-                n=self._messages_unwritten,
-            )
-            return
-        extra = ["codec", message.codec]
-        if message.timestamp_ms is not None:
-            extra += ["device_ts", format_timestamp(message.timestamp_ms)]
-        self._message_seq += 1
-        self._record(
-            "",
-            "",
-            imei,
-            "message",
-            message.text,
-            payload=message.payload,
-            extra=extra,
-            key=f"msg:{self._message_seq}",
-        )
+        self.outcomes.message(imei, message)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -615,8 +537,7 @@ class CommandRouter(Service):
             now = self.clock.seconds()
             for other in list(self._held.values()):
                 if (
-                    isinstance(other, _Command)
-                    and other is not command
+                    other is not command
                     and not other.done
                     and other.protocol is protocol
                     and other.sent_at is None
@@ -646,6 +567,7 @@ class CommandRouter(Service):
     ) -> None:
         command.done = True
         self._cancel_timer(command)
+        self._held.pop(command.entry_id, None)  # the writer holds the entry from now on
         if command.sent_at is not None:
             self.metrics.commands_inflight.dec()
         request = command.request
@@ -669,114 +591,15 @@ class CommandRouter(Service):
         *,
         payload: bytes | None = None,
         binary: bool = False,
-        extra: Sequence[str] = (),
-        key: str | None = None,
     ) -> None:
-        """Decide an outcome: count it, log it, and write it (retrying until Redis takes it)."""
-        self.metrics.commands.labels(status=status).inc()
-        fields = [
-            "id", cid,
-            "imei", imei,
-            "status", status,
-            "response", response,
-            "instance_id", self.instance_id,
-            "at", format_timestamp(int(self.clock.seconds() * 1000)),
-        ]  # fmt: skip
-        if payload is not None and (binary or not _is_printable_response(payload)):
-            fields += ["response_b64", base64.b64encode(payload).decode("ascii")]
-        if entry_id:
-            fields += ["entry_id", entry_id]
-        fields += extra
-        level = log.info if status in ("ok", "message") else log.warn
-        level(
-            "command outcome {status} for {id} ({imei}, entry {entry}): {response}",
-            status=status,
-            id=cid or "-",
-            imei=imei or "-",
-            entry=entry_id or "-",
-            response=response[:200],
-        )
-        if self._closed:
-            return
-        outcome = _Outcome(key or entry_id, entry_id, status, fields)
-        if entry_id:
-            self._held[entry_id] = outcome
-        else:
-            self._messages_unwritten += 1
-        self._outbox[outcome.key] = outcome
-        self._write(outcome)
+        """Hand a decided outcome to the writer (which holds the entry until it is written)."""
+        self.outcomes.record(entry_id, cid, imei, status, response, payload=payload, binary=binary)
 
-    def _write(self, outcome: _Outcome) -> None:
-        outcome.writing = True
-        try:
-            d = self.writer.run_script(
-                RECORD_OUTCOME,
-                [self.results_key, self.stream_key],
-                [self.results_maxlen, GROUP, outcome.entry_id, *outcome.fields],
-            )
-        except Exception:
-            d = defer.fail(Failure())
-        d.addCallbacks(self._written, self._write_failed, (outcome,), None, (outcome,))
-        d.addErrback(lambda f: log.failure("recording a command outcome", failure=f))
-
-    def _written(self, reply: Any, outcome: _Outcome) -> None:
-        outcome.writing = False
-        if self._outbox.get(outcome.key) is not outcome:
-            return  # closed meanwhile
-        del self._outbox[outcome.key]
-        if outcome.entry_id:
-            if self._held.get(outcome.entry_id) is outcome:
-                del self._held[outcome.entry_id]
-        else:
-            self._messages_unwritten -= 1
-        self._retry_delay = self.retry_min
-        if reply == 0 or reply == "0":
-            log.info(
-                "outcome of entry {entry} was already recorded (a retried write); not repeated",
-                entry=outcome.entry_id,
-            )
-        if outcome.failures:
-            log.info(
-                "recorded the {status} outcome of {entry} after {n} failed attempts",
-                status=outcome.status,
-                entry=outcome.entry_id or outcome.key,
-                n=outcome.failures,
-            )
+    def _outcome_written(self, outcome: Outcome) -> None:
         waiter = self._room_waiter
-        if waiter is not None and not waiter.called and len(self._held) < self.max_held:
+        if waiter is not None and not waiter.called and self.held < self.max_held:
             self._room_waiter = None
             waiter.callback(None)
-        if not self._outbox:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for w in waiters:
-                if not w.called:
-                    w.callback(None)
-
-    def _write_failed(self, failure: Failure, outcome: _Outcome) -> None:
-        outcome.writing = False
-        if self._outbox.get(outcome.key) is not outcome:
-            return
-        outcome.failures += 1
-        if outcome.failures == 1:
-            log.warn(
-                "could not record the {status} outcome of {entry} yet ({error}); kept and "
-                "retried, the entry stays pending until then",
-                status=outcome.status,
-                entry=outcome.entry_id or outcome.key,
-                error=failure.getErrorMessage() or repr(failure.value),
-            )
-        if self._retry_call is None or not self._retry_call.active():
-            delay = self._retry_delay
-            self._retry_delay = min(delay * 2, self.retry_max)
-            self._retry_call = self.clock.callLater(delay, self._retry)
-
-    def _retry(self) -> None:
-        self._retry_call = None
-        if self._closed:
-            return
-        for outcome in list(self._outbox.values()):
-            if not outcome.writing:
-                self._write(outcome)
 
 
 def _entries(reply: Any) -> list[tuple[str, list[Any] | None]]:
