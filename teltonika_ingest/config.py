@@ -56,6 +56,7 @@ __all__ = [
     "check_server_endpoint",
     "render_reference",
     "render_tap_conf",
+    "with_backlog",
 ]
 
 CONFIG_SECTION: Final = "teltonika-ingest"
@@ -241,6 +242,40 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "most simultaneous device connections; extra ones are closed at once; 0 = unlimited",
         why="unlimited: the file descriptor limit (LimitNOFILE) is the real bound; set this "
         "below it so overload is refused cleanly instead of failing in accept().",
+    ),
+    OptionSpec(
+        "max-connections-per-address",
+        "TELTONIKA_MAX_CONNECTIONS_PER_ADDRESS",
+        "0",
+        "count",
+        "most simultaneous device connections from one source IP address; extra ones are "
+        "closed at once; 0 = unlimited",
+        why="off: devices behind a carrier's NAT (or a private APN) share a few public "
+        "addresses, so a per-address limit would lock out a real fleet; set it only when "
+        "devices have addresses of their own. Behind haproxy: the limit counts the balancer.",
+    ),
+    OptionSpec(
+        "frame-timeout",
+        "TELTONIKA_FRAME_TIMEOUT",
+        "30",
+        "seconds-or-zero",
+        "seconds a device has to complete a frame once its first byte arrived, or the "
+        "connection is closed (unlike --idle-timeout, a byte does not restart it); 0 = off",
+        why="a 64 KiB frame takes ~26 s at 20 kbit/s (slow GPRS), a real 1,280-byte packet "
+        "well under a second; a peer trickling a frame byte by byte holds its socket and "
+        "buffer at most this long.",
+    ),
+    OptionSpec(
+        "listen-backlog",
+        "TELTONIKA_LISTEN_BACKLOG",
+        "1024",
+        "positive-int",
+        "listen backlog of the device listener (queue of connections not yet accepted), "
+        "added to --listen as backlog=N unless it names one itself; the kernel caps it at "
+        "net.core.somaxconn",
+        why="Twisted's default of 50 overflows when a fleet reconnects at once (a restart, a "
+        "cell outage): 122-242 of a 3,000-connection burst overflowed it; an overflowed "
+        "connect waits for a SYN retransmission (1 s, 3 s, ...).",
     ),
     OptionSpec(
         "publish-timeout",
@@ -594,6 +629,44 @@ def _split_endpoint(description: str) -> Iterator[tuple[str | None, str]]:
     yield key, current
 
 
+def _endpoint_values(kind: str, rest: str, sep: str) -> dict[str, str]:
+    """The parameters of a (non-haproxy) endpoint string, by name; raises ValueError."""
+    params = _ENDPOINT_PARAMS[kind]
+    values: dict[str, str] = {}
+    positional = 0
+    for key, value in _split_endpoint(rest) if sep else ():
+        if key is None:
+            if positional >= len(params):
+                raise ValueError(f"too many ':'-separated arguments for {kind}:")
+            name = params[positional]
+            positional += 1
+        elif key not in params:
+            raise ValueError(
+                f"unknown {kind}: parameter {key!r} (known: " + ", ".join(params) + ")"
+            )
+        else:
+            name = key
+        if name in values:
+            raise ValueError(f"{kind}: parameter {name!r} given twice")
+        values[name] = value
+    return values
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """``description`` with ``:backlog=N`` added, when its endpoint type takes a listen
+    backlog (tcp, tcp6, ssl, unix, and haproxy around one of them) and does not already name
+    one (positionally or as ``backlog=``: the endpoint string wins). ``systemd:`` sockets are
+    listening already: unchanged. Expects a string that passed :func:`check_server_endpoint`."""
+    kind, sep, rest = description.partition(":")
+    if kind == "haproxy":
+        return "haproxy:" + with_backlog(rest, backlog)
+    if kind not in _ENDPOINT_PARAMS or "backlog" not in _ENDPOINT_PARAMS[kind]:
+        return description
+    if "backlog" in _endpoint_values(kind, rest, sep):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def check_server_endpoint(description: str) -> None:
     """Check a Twisted server endpoint string cheaply, without building the endpoint.
 
@@ -622,23 +695,7 @@ def check_server_endpoint(description: str) -> None:
             raise ValueError(f"after 'haproxy:': {e}") from None
         return
     params = _ENDPOINT_PARAMS[kind]
-    values: dict[str, str] = {}
-    positional = 0
-    for key, value in _split_endpoint(rest) if sep else ():
-        if key is None:
-            if positional >= len(params):
-                raise ValueError(f"too many ':'-separated arguments for {kind}:")
-            name = params[positional]
-            positional += 1
-        elif key not in params:
-            raise ValueError(
-                f"unknown {kind}: parameter {key!r} (known: " + ", ".join(params) + ")"
-            )
-        else:
-            name = key
-        if name in values:
-            raise ValueError(f"{kind}: parameter {name!r} given twice")
-        values[name] = value
+    values = _endpoint_values(kind, rest, sep)
     required = params[0]
     if not values.get(required):
         raise ValueError(f"{kind}: the {required} is missing, e.g. {_EXAMPLES[kind]!r}")
@@ -827,6 +884,9 @@ class Config:
     max_frame_size: int = _DEFAULTS["max-frame-size"]
     max_buffer: int = _DEFAULTS["max-buffer"]
     max_connections: int = _DEFAULTS["max-connections"]  # 0: unlimited
+    max_connections_per_address: int = _DEFAULTS["max-connections-per-address"]  # 0: unlimited
+    frame_timeout: float = _DEFAULTS["frame-timeout"]  # 0: no deadline
+    listen_backlog: int = _DEFAULTS["listen-backlog"]
     publish_timeout: float = _DEFAULTS["publish-timeout"]
     max_inflight: int = _DEFAULTS["max-inflight"]
     udp_dedup_window: float = _DEFAULTS["udp-dedup-window"]  # 0: no deduplication

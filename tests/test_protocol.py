@@ -332,7 +332,9 @@ class ConnectionTrackingTests(SynchronousTestCase):
         h.connect(1)
         h.connect(2)
         self.assertIsNone(h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 3)))
-        self.assertEqual(h.sample("teltonika_connections_refused_total"), 1)
+        self.assertEqual(
+            h.sample("teltonika_connections_refused_total", limit="max_connections"), 1
+        )
 
     def test_exception_in_one_session_closes_only_that_session(self) -> None:
         h = Harness()

@@ -25,9 +25,31 @@ from test_service_integration import start, stream_entries
 IMEI = "352093086403655"
 
 
-def datagram(packet_id: int, avl_id: int, n: int = 2, start: int = 0) -> bytes:
+def datagram(packet_id: int, avl_id: int, n: int = 2, start: int = 0, imei: str = IMEI) -> bytes:
     packet = AvlPacket(codec="8E", records=tuple(make_record(start + i) for i in range(n)))
-    return encode_udp_datagram(UdpPacket(packet_id, avl_id, IMEI, packet))
+    return encode_udp_datagram(UdpPacket(packet_id, avl_id, imei, packet))
+
+
+#: not on any allow list of these tests; a valid Luhn check digit
+UNLISTED = "356307042441013"
+#: 15 digits with a wrong Luhn check digit
+BAD_LUHN = "356307042441012"
+
+
+class _Authority:
+    """Allows the IMEIs of ``allowed``; answers at once or with a Deferred the test fires."""
+
+    def __init__(self, allowed: set[str], deferred: bool = False) -> None:
+        self.allowed = allowed
+        self.deferred = deferred
+        self.pending: list[tuple[str, defer.Deferred[bool]]] = []
+
+    def check(self, imei: str) -> bool | defer.Deferred[bool]:
+        if not self.deferred:
+            return imei in self.allowed
+        d: defer.Deferred[bool] = defer.Deferred()
+        self.pending.append((imei, d))
+        return d
 
 
 class FakeUdpTransport:
@@ -100,6 +122,47 @@ class UdpUnitTests(SynchronousTestCase):
         self.listener.datagramReceived(datagram(1, 9), self.addr)
         self.assertEqual(len(self.publisher.calls), 1)
 
+    def use_authority(self, authority: _Authority) -> None:
+        self.listener.authority = authority
+
+    def test_refused_imei_not_published_not_acked(self) -> None:
+        self.use_authority(_Authority({IMEI}))
+        self.listener.datagramReceived(datagram(1, 7, imei=UNLISTED), self.addr)
+        self.assertEqual(self.publisher.calls, [])
+        self.assertEqual(self.transport.sent, [])
+        self.assertEqual(self.sample("teltonika_udp_datagrams_total", result="rejected"), 1)
+        # the listed IMEI still goes through, and a resend of the refused one is checked again
+        self.listener.datagramReceived(datagram(2, 8), self.addr)
+        self.publisher.calls[0][2].callback(2)
+        self.assertEqual(len(self.transport.sent), 1)
+        self.listener.datagramReceived(datagram(3, 7, imei=UNLISTED), self.addr)
+        self.assertEqual(len(self.publisher.calls), 1)
+        self.assertEqual(self.sample("teltonika_udp_datagrams_total", result="rejected"), 2)
+
+    def test_publish_waits_for_a_deferred_decision(self) -> None:
+        authority = _Authority({IMEI}, deferred=True)
+        self.use_authority(authority)
+        self.listener.datagramReceived(datagram(1, 7), self.addr)
+        self.listener.datagramReceived(datagram(1, 7), self.addr)  # resend while deciding
+        self.assertEqual(self.publisher.calls, [])
+        self.assertEqual(len(authority.pending), 1)
+        authority.pending[0][1].callback(True)
+        self.assertEqual(len(self.publisher.calls), 1)
+        self.publisher.calls[0][2].callback(2)
+        self.assertEqual(len(self.transport.sent), 1)
+
+    def test_authority_failure_refuses(self) -> None:
+        authority = _Authority(set(), deferred=True)
+        self.use_authority(authority)
+        self.listener.datagramReceived(datagram(1, 7), self.addr)
+        authority.pending[0][1].errback(RuntimeError("redis down"))
+        self.assertEqual(self.publisher.calls, [])
+        self.assertEqual(self.transport.sent, [])
+        self.assertEqual(self.sample("teltonika_udp_datagrams_total", result="rejected"), 1)
+        # not remembered as in progress: the resend is checked again
+        self.listener.datagramReceived(datagram(1, 7), self.addr)
+        self.assertEqual(len(authority.pending), 2)
+
     def test_garbage_counted_not_raised(self) -> None:
         for junk in (
             b"",
@@ -149,6 +212,40 @@ async def test_udp_end_to_end(redis_proc: RedisProcess, tmp_path: Path) -> None:
         assert len(entries) == 1
         assert entries[0]["imei"] == v["expect"]["imei"]
         assert running.sample("teltonika_records_total", codec="8") == 1
+    finally:
+        await defer.maybeDeferred(client_port.stopListening)
+        await running.svc.stopService()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_udp_refuses_what_tcp_refuses(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    """The TCP handshake's authority applies to UDP: an IMEI that is not on the allow list
+    (file or Redis set), or fails the Luhn check, gets no ACK and nothing is stored."""
+    port = free_udp_port()
+    allow = tmp_path / "allow.txt"
+    allow.write_text(f"{IMEI}\n")
+    in_set = "354017118537444"  # on the Redis set only
+    redis_proc.cmd("SADD", "devices:allowed", in_set)
+    running = await start(
+        redis_proc, tmp_path, "--udp-port", str(port), "--udp-interface", "127.0.0.1",
+        "--allow-list", str(allow), "--allow-list-key", "devices:allowed", "--luhn",
+    )  # fmt: skip
+    client = _Client()
+    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    try:
+        for i, imei in enumerate((UNLISTED, BAD_LUHN)):
+            client_port.write(datagram(1, 10 + i, imei=imei), ("127.0.0.1", port))
+        client_port.write(datagram(2, 20), ("127.0.0.1", port))
+        client_port.write(datagram(3, 21, imei=in_set), ("127.0.0.1", port))
+        await wait_for(lambda: len(client.replies) == 2)
+        await wait_for(
+            lambda: running.sample("teltonika_udp_datagrams_total", result="rejected") == 2
+        )
+        # both refusals are decided: no ACK can follow them any more
+        assert sorted(r[-2] for r in client.replies) == [20, 21]  # the ACKs' AVL packet ids
+        assert {e["imei"] for e in stream_entries(redis_proc)} == {IMEI, in_set}
+        assert running.sample("teltonika_udp_datagrams_total", result="ok") == 2
     finally:
         await defer.maybeDeferred(client_port.stopListening)
         await running.svc.stopService()

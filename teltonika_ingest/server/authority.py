@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from teltonika_ingest.codec.imei import luhn_digit
 from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.server.budget import MonotonicClock, RepeatLimiter, suppressed_note
 
 __all__ = [
     "AllowListFile",
@@ -189,6 +190,8 @@ class DeviceAuthority:
         self.metrics = metrics
         self.lookup_timeout = lookup_timeout
         self.file: AllowListFile | None = None
+        # a device (or a UDP sender) retrying all the time: a few lines a minute per IMEI
+        self._log_limit = RepeatLimiter(MonotonicClock())
         if allow_list is not None:
             self.file = AllowListFile(allow_list, luhn=luhn)
             self._load(self.file.read(), initial=True)
@@ -224,18 +227,31 @@ class DeviceAuthority:
     def _lookup_failed(self, failure: Failure, imei: str) -> bool:
         if self.metrics is not None:
             self.metrics.lookup_failures.inc()
-        log.warn(
-            "refusing {imei}: the Redis allow list {key} could not be read ({error}); "
-            "the device will retry",
-            imei=imei,
-            key=self.redis_key,
-            error=failure.getErrorMessage() or repr(failure.value),
-            reason="allow_list_unavailable",
-        )
+        logged, suppressed = self._log_limit.allow(imei)
+        if logged:
+            log.warn(
+                "refusing {imei}: the Redis allow list {key} could not be read ({error}); "
+                "the device will retry{suppressed_note}",
+                imei=imei,
+                key=self.redis_key,
+                error=failure.getErrorMessage() or repr(failure.value),
+                reason="allow_list_unavailable",
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
         return False
 
     def _refused(self, imei: str, why: str, reason: str) -> None:
-        log.info("refusing {imei}: {why}", imei=imei, why=why, reason=reason)
+        logged, suppressed = self._log_limit.allow(imei)
+        if logged:
+            log.info(
+                "refusing {imei}: {why}{suppressed_note}",
+                imei=imei,
+                why=why,
+                reason=reason,
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
 
     # ------------------------------------------------------------------ (re)loading
 

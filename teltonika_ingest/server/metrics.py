@@ -49,6 +49,7 @@ _COMMAND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 HANDSHAKE_RESULTS = ("accepted", "rejected", "malformed", "timeout")
 FRAME_RESULTS = ("ok", "crc_fail", "malformed", "dead_lettered", "too_large", "unknown_codec")
 GC_GENERATIONS = ("0", "1", "2")
+CONNECTION_LIMITS = ("max_connections", "per_address")
 COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
 
 
@@ -72,7 +73,9 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "teltonika_connections_refused_total",
-            "Device TCP connections refused because --max-connections was reached.",
+            "Device TCP connections refused, by the limit reached (max_connections: "
+            "--max-connections, per_address: --max-connections-per-address).",
+            ["limit"],
             registry=registry,
         )
         self.disconnects = Counter(
@@ -119,7 +122,7 @@ class Metrics:
         )
         self.udp_datagrams = Counter(
             "teltonika_udp_datagrams_total",
-            "UDP datagrams by result (ok, duplicate, malformed, publish_failed).",
+            "UDP datagrams by result (ok, duplicate, malformed, rejected, publish_failed).",
             ["result"],
             registry=registry,
         )
@@ -261,3 +264,5 @@ class Metrics:
             self.commands.labels(status=status)
         for generation in GC_GENERATIONS:
             self.gc_pause.labels(generation=generation)
+        for limit in CONNECTION_LIMITS:
+            self.connections_refused.labels(limit=limit)

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
+from teltonika_ingest.server.budget import RepeatLimiter, suppressed_note
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.session import (
     Accepted,
@@ -58,6 +59,16 @@ class SessionSettings:
     max_frame_size: int = 65536
     max_buffer: int = 262144
     max_connections: int = 0  # 0 = unlimited
+    #: seconds a frame may take from its first byte to its last; 0 = no deadline
+    frame_timeout: float = 0.0
+    #: most connections from one source address; 0 = unlimited
+    max_connections_per_address: int = 0
+
+
+#: actions that mean a frame (or keep-alive) was read whole: the frame deadline restarts
+_FRAME_DONE = frozenset(
+    {Publish, DeadLetter, DeviceMessage, CommandAnswered, KeepAliveSeen, FrameRejected}
+)
 
 
 class Authority(TypingProtocol):
@@ -97,6 +108,9 @@ class TeltonikaProtocol(Protocol):
         self._handshake_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
+        self._frame_timer: IDelayedCall | None = None
+        #: source address counted against --max-connections-per-address (None: not counted)
+        self.host: str | None = None
         self._last_activity = 0.0
         self._frame_received_at = 0.0
         self._closing = False
@@ -140,14 +154,21 @@ class TeltonikaProtocol(Protocol):
         try:
             actions = session.receive(data)
             self._run(actions)
+            if factory.settings.frame_timeout:
+                self._watch_frame(any(type(a) in _FRAME_DONE for a in actions))
         except Exception:
             self._session_error(Failure())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for timer in (self._handshake_timer, self._idle_timer, self._abort_timer):
+        for timer in (
+            self._handshake_timer,
+            self._idle_timer,
+            self._abort_timer,
+            self._frame_timer,
+        ):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._handshake_timer = self._idle_timer = self._abort_timer = None
+        self._handshake_timer = self._idle_timer = self._abort_timer = self._frame_timer = None
         if self.transport is not None and getattr(self.transport, "producer", None) is self:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
         if self.session is not None:
@@ -253,6 +274,7 @@ class TeltonikaProtocol(Protocol):
 
         def decided(allowed: bool) -> None:
             self._guarded(self._session().authorized, bool(allowed))
+            self._watch_frame(True)
 
         def failed(failure: Failure) -> None:
             # The authority could not answer (e.g. Redis down): refuse, the device retries.
@@ -295,6 +317,47 @@ class TeltonikaProtocol(Protocol):
             return
         self._idle_timer = clock.callLater(max(timeout - idle_for, 1.0), self._idle_check)
 
+    def _watch_frame(self, progressed: bool) -> None:
+        """The frame deadline (``--frame-timeout``): runs while the session is idle with part
+        of a frame buffered, from that frame's first byte; restarts when a frame completes.
+        Unlike the idle timer, a byte does not reset it: a peer trickling a frame one byte
+        at a time is closed when its frame is late."""
+        timeout = self.factory.settings.frame_timeout
+        if not timeout:
+            return
+        session = self.session
+        timer = self._frame_timer
+        if session is None or session.state is not State.IDLE or not session.buffered:
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                self._frame_timer = None
+            return
+        if timer is None or not timer.active():
+            self._frame_timer = self.factory.clock.callLater(timeout, self._frame_expired)
+        elif progressed:
+            timer.reset(timeout)
+
+    def _frame_expired(self) -> None:
+        self._frame_timer = None
+        session = self.session
+        if session is None or session.state is not State.IDLE or not session.buffered:
+            return
+        factory = self.factory
+        if factory.reading_paused or factory.draining:
+            # We are not reading (back-pressure, shutdown): the frame cannot complete
+            # through any fault of the device. Look again later.
+            self._frame_timer = factory.clock.callLater(
+                factory.settings.frame_timeout, self._frame_expired
+            )
+            return
+        self._guarded(
+            session.close,
+            "frame_timeout",
+            f"a frame begun {factory.settings.frame_timeout:g} s ago is incomplete "
+            f"({session.buffered} bytes buffered, --frame-timeout)",
+        )
+
     # ------------------------------------------------------------------ publishing
 
     def _session(self) -> Session:
@@ -329,6 +392,8 @@ class TeltonikaProtocol(Protocol):
         metrics = factory.metrics
         metrics.ack_latency.observe(now - received_at)
         metrics.reply_to_ack.observe(now - factory.publisher.replied_at)
+        if factory.settings.frame_timeout:
+            self._watch_frame(True)
         if factory.log_packets:  # per-packet debug costs ~5 % of the hot path: only when asked
             log.debug(
                 "ACKed {records} records ({codec}) for {imei}",
@@ -355,12 +420,17 @@ class TeltonikaProtocol(Protocol):
             metrics.frames.labels(codec=action.codec, result="unknown_codec").inc()
         else:
             metrics.frames.labels(codec=action.codec, result="dead_lettered").inc()
-        log.warn(
-            "undecodable frame from {imei} ({peer}), dead-lettering it: {error}",
-            imei=self.imei,
-            peer=self.peer,
-            error=str(error.error),
-        )
+        logged, suppressed = factory.log_limit.allow(("dead_letter", self._log_key()))
+        if logged:
+            log.warn(
+                "undecodable frame from {imei} ({peer}), dead-lettering it: {error}"
+                "{suppressed_note}",
+                imei=self.imei,
+                peer=self.peer,
+                error=str(error.error),
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
         assert error.raw is not None
         d = factory.publisher.dead_letter(
             self.imei or "",
@@ -374,20 +444,26 @@ class TeltonikaProtocol(Protocol):
             metrics.dead_letters.labels(reason=action.reason).inc()
             if self._session().state is State.PUBLISHING:
                 self._run(self._session().published())
+                self._watch_frame(True)
 
         d.addCallbacks(written, self._publish_failed)
         d.addErrback(self._session_error)
 
     def _frame_rejected(self, action: FrameRejected) -> None:
-        self.factory.metrics.frames.labels(codec=action.codec, result=action.result).inc()
-        log.warn(
-            "bad frame from {imei} ({peer}): {detail}; closing",
-            imei=self.imei or "-",
-            peer=self.peer,
-            detail=action.detail,
-            codec=action.codec,
-            result=action.result,
-        )
+        factory = self.factory
+        factory.metrics.frames.labels(codec=action.codec, result=action.result).inc()
+        logged, suppressed = factory.log_limit.allow(("bad_frame", self._log_key()))
+        if logged:
+            log.warn(
+                "bad frame from {imei} ({peer}): {detail}; closing{suppressed_note}",
+                imei=self.imei or "-",
+                peer=self.peer,
+                detail=action.detail,
+                codec=action.codec,
+                result=action.result,
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
 
     def _device_message(self, action: DeviceMessage) -> None:
         message = action.message
@@ -417,14 +493,28 @@ class TeltonikaProtocol(Protocol):
         elif reason == "handshake_timeout":
             metrics.handshakes.labels(result="timeout").inc()
         metrics.disconnects.labels(reason=reason).inc()
-        level = log.info if reason in ("disconnected", "shutdown", "replaced") else log.warn
-        level(
-            "closing connection of {imei} ({peer}): {reason} {detail}",
-            imei=self.imei or "-",
-            peer=self.peer,
-            reason=reason,
-            detail=action.detail,
-        )
+        if reason in ("disconnected", "shutdown", "replaced"):
+            log.info(
+                "closing connection of {imei} ({peer}): {reason} {detail}",
+                imei=self.imei or "-",
+                peer=self.peer,
+                reason=reason,
+                detail=action.detail,
+            )
+        else:
+            # one device or source address failing the same way over and over (a flood)
+            # writes a few lines a minute, then one that says how many were suppressed
+            logged, suppressed = factory.log_limit.allow(("close", reason, self._log_key()))
+            if logged:
+                log.warn(
+                    "closing connection of {imei} ({peer}): {reason} {detail}{suppressed_note}",
+                    imei=self.imei or "-",
+                    peer=self.peer,
+                    reason=reason,
+                    detail=action.detail,
+                    suppressed=suppressed,
+                    suppressed_note=suppressed_note(suppressed),
+                )
         transport = self.transport
         if transport is None:
             return
@@ -438,6 +528,12 @@ class TeltonikaProtocol(Protocol):
             CLOSE_GRACE_SECONDS,
             transport.abortConnection,  # type: ignore[attr-defined]
         )
+
+    def _log_key(self) -> str:
+        """What repeated log lines are counted by: the IMEI, else the source address."""
+        if self.imei is not None:
+            return self.imei
+        return self.peer.rpartition(":")[0] or self.peer
 
     def _session_error(self, failure: Failure) -> None:
         """An unexpected exception inside this session: log it, close only this session."""
@@ -489,21 +585,63 @@ class TeltonikaFactory(Factory):
         #: log one debug line per ACKed packet (set from --log-level debug)
         self.log_packets = False
         self._hot: dict[str, tuple[Any, Any]] = {}
+        #: open connections by source address (only with --max-connections-per-address)
+        self._per_host: dict[str, int] = {}
+        #: repeated warnings (per event and device or peer) are rate-limited
+        self.log_limit = RepeatLimiter(clock)
         self._empty_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress) -> TeltonikaProtocol | None:  # type: ignore[override]
-        limit = self.settings.max_connections
+        settings = self.settings
+        limit = settings.max_connections
         if limit and len(self.connections) >= limit:
-            self.metrics.connections_refused.inc()
-            log.warn(
-                "refusing connection from {peer}: {count} connections open (--max-connections)",
-                peer=describe_peer(addr),
-                count=len(self.connections),
-            )
+            self._refuse(addr, "max_connections", len(self.connections))
             return None
+        host: str | None = None
+        per_address = settings.max_connections_per_address
+        if per_address:
+            host = getattr(addr, "host", None)
+            if host is not None:
+                count = self._per_host.get(host, 0)
+                if count >= per_address:
+                    self._refuse(addr, "per_address", count)
+                    return None
+                # counted at once: connections accepted in one reactor turn count too
+                self._per_host[host] = count + 1
         proto = TeltonikaProtocol()
         proto.factory = self
+        proto.host = host
         return proto
+
+    def _refuse(self, addr: IAddress, limit: str, count: int) -> None:
+        self.metrics.connections_refused.labels(limit=limit).inc()
+        host = getattr(addr, "host", None)
+        logged, suppressed = self.log_limit.allow(("refused", limit, host))
+        if logged:
+            option = (
+                "--max-connections"
+                if limit == "max_connections"
+                else ("--max-connections-per-address")
+            )
+            log.warn(
+                "refusing connection from {peer}: {count} connections open ({option})"
+                "{suppressed_note}",
+                peer=describe_peer(addr),
+                count=count,
+                option=option,
+                limit=limit,
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
+
+    def _release_host(self, proto: TeltonikaProtocol) -> None:
+        host, proto.host = proto.host, None
+        if host is not None:
+            left = self._per_host.get(host, 0) - 1
+            if left > 0:
+                self._per_host[host] = left
+            else:
+                self._per_host.pop(host, None)
 
     def hot_metrics(self, codec: str) -> tuple[Any, Any]:
         """(frames_total{codec,ok}, records_total{codec}) children, looked up once per codec:
@@ -527,6 +665,7 @@ class TeltonikaFactory(Factory):
 
     def connection_closed(self, proto: TeltonikaProtocol) -> None:
         self.connections.discard(proto)
+        self._release_host(proto)
         self.metrics.connections_active.set(len(self.connections))
         if not self.connections and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from teltonika_ingest import logsetup
 from teltonika_ingest.codec.accel import compiled_path_status
-from teltonika_ingest.config import Config, Options
+from teltonika_ingest.config import Config, Options, with_backlog
 from teltonika_ingest.redis.client import RedisClient
 from teltonika_ingest.server.authority import build_authority, install_sighup
 from teltonika_ingest.server.commands.router import CommandRouter
@@ -139,12 +139,16 @@ class IngestService(service.MultiService):
                 max_frame_size=config.max_frame_size,
                 max_buffer=config.max_buffer,
                 max_connections=config.max_connections,
+                frame_timeout=config.frame_timeout,
+                max_connections_per_address=config.max_connections_per_address,
             ),
             authority=self.authority,
         )
         self.factory.log_packets = config.log_level == "debug"
         self.publisher.pressure_hooks.append(self.factory.publish_pressure)
-        endpoint = endpoints.serverFromString(reactor, config.listen)
+        endpoint = endpoints.serverFromString(
+            reactor, with_backlog(config.listen, config.listen_backlog)
+        )
         self.listener = internet.StreamServerEndpointService(endpoint, self.factory)
         # The device port not binding is fatal: fail start-up instead of running deaf.
         self.listener._raiseSynchronously = True
@@ -171,6 +175,7 @@ class IngestService(service.MultiService):
                 metrics=self.metrics,
                 clock=reactor,
                 dedup_window=config.udp_dedup_window,
+                authority=self.authority,
             )
             self.udp_service = internet.UDPServer(
                 config.udp_port, self.udp, interface=config.udp_interface

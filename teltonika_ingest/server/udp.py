@@ -1,14 +1,17 @@
 """UDP device listener (protocol.md §4).
 
-Each datagram is decoded, published, and only then ACKed with the UDP ACK format. A device
-that missed our ACK resends the same datagram (same IMEI and AVL packet id): within
-``dedup_window`` seconds it is ACKed again without being published twice.
+Each datagram is decoded, its IMEI checked by the same device authority as a TCP handshake
+(``--allow-list``, ``--allow-list-key``, ``--luhn``), published, and only then ACKed with the
+UDP ACK format. A refused IMEI gets no ACK and nothing is stored
+(``teltonika_udp_datagrams_total{result="rejected"}``). A device that missed our ACK resends
+the same datagram (same IMEI and AVL packet id): within ``dedup_window`` seconds it is ACKed
+again without being published twice (it was checked and stored the first time).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -16,9 +19,13 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from teltonika_ingest.codec import CodecError, decode_udp_datagram, encode_udp_ack
+from teltonika_ingest.codec import CodecError, UdpPacket, decode_udp_datagram, encode_udp_ack
+from teltonika_ingest.server.budget import RepeatLimiter, suppressed_note
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.publisher import Publisher
+
+if TYPE_CHECKING:
+    from teltonika_ingest.server.protocol import Authority
 
 log = Logger()
 
@@ -33,8 +40,12 @@ class UdpListener(DatagramProtocol):
         metrics: Metrics,
         clock: IReactorTime,
         dedup_window: float = 60.0,
+        authority: Authority | None = None,
     ) -> None:
         self.publisher = publisher
+        self.authority = authority
+        # one warning per peer and minute at most for malformed or refused datagrams
+        self._log_limit = RepeatLimiter(clock)
         self.metrics = metrics
         self.clock = clock
         self.dedup_window = dedup_window
@@ -58,9 +69,16 @@ class UdpListener(DatagramProtocol):
             pkt = decode_udp_datagram(datagram)
         except CodecError as e:
             metrics.udp_datagrams.labels(result="malformed").inc()
-            log.warn(
-                "malformed UDP datagram from {peer}: {error}", peer=f"{addr[0]}:{addr[1]}", error=e
-            )
+            peer = f"{addr[0]}:{addr[1]}"
+            logged, suppressed = self._log_limit.allow(("malformed", addr[0]))
+            if logged:
+                log.warn(
+                    "malformed UDP datagram from {peer}: {error}{suppressed_note}",
+                    peer=peer,
+                    error=e,
+                    suppressed=suppressed,
+                    suppressed_note=suppressed_note(suppressed),
+                )
             return
         now = self.clock.seconds()
         self._since_purge += 1
@@ -70,7 +88,6 @@ class UdpListener(DatagramProtocol):
         # The datagram minus its 2-byte packet id (a resend may carry a new packet id).
         digest = hashlib.blake2b(datagram[4:], digest_size=16).digest()
         seen = self._published.get(key)
-        count = len(pkt.packet.records)
         if seen is not None and seen[0] == digest and now - seen[1] <= self.dedup_window:
             metrics.udp_datagrams.labels(result="duplicate").inc()
             log.debug("re-ACKing resent UDP packet {key}", key=key)
@@ -80,12 +97,72 @@ class UdpListener(DatagramProtocol):
             # The first copy is still being published; its ACK will answer this one too.
             metrics.udp_datagrams.labels(result="duplicate").inc()
             return
-        codec = pkt.packet.codec
-        metrics.frames.labels(codec=codec, result="ok").inc()
         marker = (pkt.imei, pkt.avl_packet_id, digest)
         self._in_progress.add(marker)
-        received = now
-        d = self.publisher.publish(pkt.imei, pkt.packet, int(now * 1000), now)
+        if self.authority is None:
+            self._publish(pkt, addr, key, digest, marker, now)
+            return
+        d = defer.maybeDeferred(self.authority.check, pkt.imei)
+        d.addCallbacks(
+            self._decided,
+            self._check_failed,
+            callbackArgs=(pkt, addr, key, digest, marker, now),
+            errbackArgs=(pkt, addr, marker),
+        )
+        d.addErrback(self._unexpected)
+
+    def _decided(
+        self,
+        allowed: bool,
+        pkt: UdpPacket,
+        addr: Any,
+        key: tuple[str, int],
+        digest: bytes,
+        marker: tuple[str, int, bytes],
+        received: float,
+    ) -> None:
+        if allowed:
+            self._publish(pkt, addr, key, digest, marker, received)
+        else:
+            self._refused(pkt, addr, marker, "not allowed")
+
+    def _check_failed(self, failure: Failure, pkt: UdpPacket, addr: Any, marker: Any) -> None:
+        # The authority could not answer (e.g. Redis down): refuse, the device resends.
+        self._refused(pkt, addr, marker, f"authorization failed: {failure.getErrorMessage()}")
+
+    def _refused(self, pkt: UdpPacket, addr: Any, marker: Any, why: str) -> None:
+        self._in_progress.discard(marker)
+        self.metrics.udp_datagrams.labels(result="rejected").inc()
+        logged, suppressed = self._log_limit.allow(("rejected", pkt.imei))
+        if logged:
+            log.warn(
+                "UDP packet of {imei} from {peer} refused ({why}): not ACKed, not stored"
+                "{suppressed_note}",
+                imei=pkt.imei,
+                peer=f"{addr[0]}:{addr[1]}",
+                why=why,
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
+
+    def _unexpected(self, failure: Failure) -> None:
+        self.metrics.session_errors.inc()
+        log.failure("unexpected error handling a UDP datagram", failure=failure)
+
+    def _publish(
+        self,
+        pkt: UdpPacket,
+        addr: Any,
+        key: tuple[str, int],
+        digest: bytes,
+        marker: tuple[str, int, bytes],
+        received: float,
+    ) -> None:
+        metrics = self.metrics
+        count = len(pkt.packet.records)
+        codec = pkt.packet.codec
+        metrics.frames.labels(codec=codec, result="ok").inc()
+        d = self.publisher.publish(pkt.imei, pkt.packet, int(received * 1000), received)
 
         def published(_: Any) -> None:
             self._in_progress.discard(marker)
