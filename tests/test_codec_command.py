@@ -76,6 +76,21 @@ def test_codec13_timestamp_and_size():
     assert decode_command_data(data) == msg
 
 
+def test_codec13_type_06_is_accepted_like_05():
+    # The vendor's older Codec 13 description says the device always sends type 0x06; its
+    # newer example shows 0x05; independent device captures use 0x06. This one is from
+    # a device log (CRC valid): "hello lets test\r\n" at 2023-08-25T04:48:01Z.
+    capture = bytes.fromhex(
+        "000000000000001d0d01060000001564e8328168656c6c6f206c65747320746573740d0a0100003548"
+    )
+    assert decode_command_frame(capture) == CommandMessage(
+        "13", TYPE_RESPONSE, b"hello lets test\r\n", timestamp_ms=1692938881000
+    )
+    for msg_type in (TYPE_COMMAND, TYPE_RESPONSE):
+        msg = CommandMessage("13", msg_type, b"Hello", timestamp_ms=1563778920000)
+        assert decode_command_frame(encode_command_message(msg)) == msg
+
+
 def test_codec14_nack_carries_only_the_imei():
     msg = CommandMessage("14", TYPE_NACK, b"", IMEI)
     data = encode_command_data(msg)
@@ -100,7 +115,7 @@ def test_quantity2_is_not_checked():
         ("0c020500000002414201", "quantity_1"),  # two messages in one frame
         ("0c000500000002414201", "quantity_1"),
         ("0c011100000002414201", "type"),  # nACK is Codec 14 only
-        ("0d010600000006000000014142" + "01", "type"),  # Codec 13 is type 05 only
+        ("0d011100000006000000014142" + "01", "type"),  # Codec 13 is type 05 or 06
         ("0c010500000003414201", "size"),  # size past quantity 2
         ("0c010500000001414201", "size"),  # gap before quantity 2
         ("0d010500000002414201", "size"),  # Codec 13 size below 4

@@ -104,7 +104,9 @@ def avl_packets(draw: st.DrawFn, codec: str | None = None, max_records: int = 25
 @st.composite
 def command_messages(draw: st.DrawFn) -> CommandMessage:
     codec, msg_type = draw(
-        st.sampled_from([("12", 5), ("12", 6), ("13", 5), ("14", 5), ("14", 6), ("14", 0x11)])
+        st.sampled_from(
+            [("12", 5), ("12", 6), ("13", 5), ("13", 6), ("14", 5), ("14", 6), ("14", 0x11)]
+        )
     )
     payload = b"" if msg_type == 0x11 else draw(st.binary(max_size=300))
     imei = draw(IMEIS) if codec == "14" else None

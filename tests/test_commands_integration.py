@@ -269,6 +269,31 @@ async def test_codec13_message(service: Running, redis_proc: RedisProcess) -> No
     await dev.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_codec13_type_06_from_a_device_capture(
+    service: Running, redis_proc: RedisProcess
+) -> None:
+    """Codec 13 type 0x06 (the vendor's older documentation, real devices) is a message
+    like type 0x05: it reaches commands:results, and the connection stays up."""
+    dev = await service.device()
+    dev.send(
+        bytes.fromhex(
+            "000000000000001d0d01060000001564e8328168656c6c6f206c65747320746573740d0a0100003548"
+        )
+    )
+    await wait_for(lambda: results(redis_proc))
+    (message,) = results(redis_proc)
+    assert message["status"] == "message"
+    assert message["imei"] == IMEI
+    assert message["response"] == "hello lets test\r\n"
+    assert message["device_ts"] == "2023-08-25T04:48:01.000Z"
+    assert service.sample("teltonika_commands_total", status="message") == 1
+    first = add(redis_proc, text="getinfo")
+    await expect_frame(dev)  # still connected: the command reaches the device
+    assert first
+    await dev.close()
+
+
 # --------------------------------------------------------------------------- exactly once
 
 

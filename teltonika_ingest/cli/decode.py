@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-import orjson
-
+from teltonika_ingest.cli import scan as scanning
+from teltonika_ingest.cli.render import Renderer
 from teltonika_ingest.codec import (
     AvlFrame,
     AvlRecord,
@@ -24,7 +24,6 @@ from teltonika_ingest.codec import (
     decode_imei,
     decode_udp_datagram,
     format_timestamp,
-    record_payload,
     unwrap_frame,
 )
 
@@ -40,9 +39,19 @@ whitespace, colons, commas and 0x prefixes are ignored. What an input is:
 
 Output, one JSON object per line on stdout: each AVL record in the telemetry payload
 shape (device_id from the datagram, the handshake or --imei, else null; received_at =
-now), {"imei": ...} for a handshake, and {"codec", "type", "text", "imei",
-"timestamp"} for a Codec 12/13/14 message. Bad input: one line "error: ..." on stderr
-naming the field and offset, and exit status 1.
+now), {"imei": ...} for a handshake, and {"codec", "type", "text", "hex", "b64", "imei",
+"timestamp"} for a Codec 12/13/14 message ("text" only when the payload is printable
+ASCII, else null; "hex" and "b64" always, so binary answers are never lost). Bad input:
+one line "error: ..." on stderr naming the field and offset, and exit status 1.
+
+--names adds to each record the "io" object of the stream's --io-names: named, scaled
+values with units, for --model (case-insensitive, e.g. FMB920); without a model, or with
+one the catalogue does not know, only the ids common to all families are named. Ids not
+named stay raw in "attributes". --format table prints the same for a terminal.
+
+--scan FILE (or - for stdin) finds frames, handshakes and UDP datagrams inside arbitrary
+log lines (timestamps, prefixes, spaces or colons between bytes, several per line) and
+decodes each; every object gains "found": {"line", "column", "kind"}.
 """
 
 
@@ -54,7 +63,22 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="HEX", help="hex of one input, or - to read hex lines"
+        "inputs", nargs="*", metavar="HEX", help="hex of one input, or - to read hex lines"
+    )
+    parser.add_argument(
+        "--scan",
+        metavar="FILE",
+        help="find and decode every frame/handshake/datagram in a log file (- for stdin)",
+    )
+    parser.add_argument(
+        "--names", action="store_true", help="add named, scaled IO values (the io object)"
+    )
+    parser.add_argument("--model", help="device model for --names (e.g. FMB920)")
+    parser.add_argument(
+        "--format",
+        choices=("json", "table"),
+        default="json",
+        help="json: one object per line (default); table: readable, for a terminal",
     )
     parser.add_argument("--udp", action="store_true", help="treat every input as a UDP datagram")
     parser.add_argument("--imei", help="device_id for records whose input carries no IMEI")
@@ -101,27 +125,23 @@ class _Decoder:
         self.imei: str | None = args.imei
         self.udp: bool = args.udp
         self.max_frame_size: int = args.max_frame_size
-        self.out = out
-        self.received_at = format_timestamp(time.time_ns() // 1_000_000)
-
-    def emit(self, line: bytes) -> None:
-        self.out.write(line.decode("utf-8"))
-        self.out.write("\n")
+        self.render = Renderer(
+            out,
+            table=args.format == "table",
+            names=args.names,
+            model=args.model,
+            received_at=format_timestamp(time.time_ns() // 1_000_000),
+        )
 
     def records(self, records: tuple[AvlRecord, ...], imei: str | None, codec: str) -> None:
         for record in records:
-            self.emit(record_payload(record, imei, codec, self.received_at))
+            self.render.record(record, imei, codec)
 
     def command(self, message: CommandMessage) -> None:
-        timestamp = message.timestamp_ms
-        line: dict[str, Any] = {
-            "codec": message.codec,
-            "type": message.type,
-            "text": message.text,
-            "imei": message.imei,
-            "timestamp": None if timestamp is None else format_timestamp(timestamp),
-        }
-        self.emit(orjson.dumps(line))
+        self.render.command(message)
+
+    def handshake(self, imei: str) -> None:
+        self.render.handshake(imei)
 
     def decode(self, data: bytes) -> None:
         if not self.udp and data[:4] == b"\x00\x00\x00\x00":
@@ -151,7 +171,7 @@ class _Decoder:
             if isinstance(event, Handshake):
                 in_handshake = False
                 imei = event.imei
-                self.emit(orjson.dumps({"imei": event.imei}))
+                self.handshake(event.imei)
                 continue
             if isinstance(event, AvlFrame | CommandFrame):
                 frames += 1
@@ -182,7 +202,17 @@ def run(
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    if args.model and not args.names:
+        args.names = True
     decoder = _Decoder(args, stdout)
+    warning = decoder.render.model_warning()
+    if warning:
+        stderr.write(f"warning: {warning}\n")
+    if args.scan is not None:
+        if args.inputs:
+            stderr.write("error: --scan reads a file (or -), not HEX arguments\n")
+            return 1
+        return _scan(args, decoder, stdin, stdout, stderr)
     items = list(_inputs(args.inputs, stdin))
     if not items:
         stderr.write("error: no input\n")
@@ -197,4 +227,52 @@ def run(
             stderr.write(f"error: {label}{exc}\n")
             status = 1
     stdout.flush()
+    return status
+
+
+def _scan(
+    args: argparse.Namespace, decoder: _Decoder, stdin: TextIO, stdout: TextIO, stderr: TextIO
+) -> int:
+    try:
+        source: TextIO = (
+            stdin if args.scan == "-" else open(args.scan, encoding="utf-8", errors="replace")  # noqa: SIM115
+        )
+    except OSError as exc:
+        stderr.write(f"error: {args.scan}: {exc.strerror}\n")
+        return 1
+    found = 0
+    status = 0
+    with source:
+        for number, line in enumerate(source, 1):
+            imei = decoder.imei
+            for item in scanning.find(line, max_frame_size=decoder.max_frame_size):
+                found += 1
+                where = f"line {number}, column {item.column}: {item.kind}"
+                decoder.render.found = {"line": number, "column": item.column, "kind": item.kind}
+                try:
+                    if item.kind == "handshake":
+                        imei = decode_imei(item.data)
+                        decoder.handshake(imei)
+                    elif item.kind == "udp":
+                        datagram = decode_udp_datagram(item.data)
+                        decoder.records(
+                            datagram.packet.records, datagram.imei, datagram.packet.codec
+                        )
+                    else:
+                        event = scanning.decode_frame(item.data)
+                        if isinstance(event, FrameError):
+                            raise event.error
+                        if isinstance(event, AvlFrame):
+                            decoder.records(event.packet.records, imei, event.packet.codec)
+                        elif isinstance(event, CommandFrame):
+                            decoder.command(event.message)
+                except CodecError as exc:
+                    stdout.flush()
+                    stderr.write(f"error: {where}: {exc}\n")
+                    status = 1
+    decoder.render.found = None
+    stdout.flush()
+    if not found:
+        stderr.write("error: no Teltonika frame, handshake or datagram found\n")
+        return 1
     return status

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "teltonika_ingest.cli.decode",
+    "teltonika_ingest.cli.iolookup",
     "teltonika_ingest.cli.command",
     "teltonika_ingest.cli.dlq",
     "teltonika_ingest.cli.simulate",

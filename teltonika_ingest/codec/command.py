@@ -3,7 +3,9 @@
 Data field: codec id, quantity 1, type, uint32 size, body, quantity 2.
 
 * Codec 12: body = text (type 05 command, 06 response).
-* Codec 13: size = 4 + text length; body = uint32 timestamp (s) + text (type 05).
+* Codec 13: size = 4 + text length; body = uint32 timestamp (s) + text. Type 05 in the
+  vendor's current example, 06 in its older documentation ("always 0x06 from the device")
+  and in independent device captures: both are accepted.
 * Codec 14: size = 8 + text length; body = IMEI as 8 bytes (16 hex digits, ``0`` +
   15 IMEI digits) + text (05 command, 06 ACK); type 11 (nACK) carries the IMEI only.
 
@@ -44,7 +46,7 @@ __all__ = [
 
 _TYPES_BY_CODEC: dict[str, frozenset[int]] = {
     CODEC_12: frozenset({TYPE_COMMAND, TYPE_RESPONSE}),
-    CODEC_13: frozenset({TYPE_COMMAND}),
+    CODEC_13: frozenset({TYPE_COMMAND, TYPE_RESPONSE}),
     CODEC_14: frozenset({TYPE_COMMAND, TYPE_RESPONSE, TYPE_NACK}),
 }
 _U32 = struct.Struct(">I")
