@@ -8,19 +8,22 @@ check what a well-behaved device or command gets meanwhile.
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.web.client import Agent, ResponseNeverReceived, readBody
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import check_server_endpoint, with_backlog
 from teltonika_ingest.server.budget import DeviceBudget, RepeatLimiter
 
-from device import connect_device
+from device import connect_device, deferLater
 from redisproc import RedisProcess
 from support import HANDSHAKE, Harness, avl_frame
 from test_faults import ServiceProcess
@@ -208,6 +211,56 @@ def test_repeat_limiter_counts_what_it_suppresses() -> None:
     assert limiter.suppressed_total == 4
 
 
+# --------------------------------------------------------------------------- readiness probe
+
+
+class _ProbeRedis:
+    """Answers each probe with a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred[Any]] = []
+
+    def execute(self, *args: Any, timeout: float | None = None) -> defer.Deferred[Any]:
+        assert args[0] == "SET" and timeout is not None
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+def test_write_probe_cached_state() -> None:
+    from twisted.internet.task import Clock
+
+    from teltonika_ingest.redis.client import RedisReplyError, RedisTimeout
+    from teltonika_ingest.server.readiness import RedisWriteProbe
+
+    clock, redis = Clock(), _ProbeRedis()
+    probe = RedisWriteProbe(redis, instance_id="i", clock=clock, interval=0.5, timeout=0.8)
+    probe.startService()
+    assert probe.reason() == "redis has not taken a write yet"
+    redis.calls[0].callback("OK")
+    assert probe.reason() is None
+    clock.advance(0.5)
+    redis.calls[1].errback(
+        RedisReplyError("OOM command not allowed when used memory > 'maxmemory'.")
+    )
+    assert "OOM" in (probe.reason() or "")
+    clock.advance(0.5)
+    redis.calls[2].errback(RedisReplyError("READONLY You can't write against a read only replica."))
+    assert "READONLY" in (probe.reason() or "")
+    clock.advance(0.5)
+    redis.calls[3].callback("OK")
+    assert probe.reason() is None
+    # a probe that never comes back: no second one piles up, and the state goes stale
+    clock.advance(0.5)
+    assert len(redis.calls) == 5
+    clock.advance(1.0)
+    assert len(redis.calls) == 5
+    assert "not taken a write for" in (probe.reason() or "")
+    redis.calls[4].errback(RedisTimeout("no reply"))
+    assert "did not answer" in (probe.reason() or "")
+    probe.stopService()
+
+
 # --------------------------------------------------------------------------- integration
 
 
@@ -267,3 +320,101 @@ async def test_trickling_peers_closed_by_the_frame_deadline(
             if not peer.closed.called:
                 peer.transport.abortConnection()
         svc.kill()
+
+
+# --------------------------------------------------------------------------- /readyz
+
+
+#: every /readyz request must be answered within this (the client gives up: the test fails)
+READYZ_CLIENT_TIMEOUT_S = 1.0
+
+
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    """GET /readyz with a 1 s client timeout: an answer later than that fails the test."""
+    agent = Agent(reactor, connectTimeout=READYZ_CLIENT_TIMEOUT_S)
+    d = agent.request(b"GET", f"http://127.0.0.1:{port}/readyz".encode())
+    d.addTimeout(READYZ_CLIENT_TIMEOUT_S, reactor)
+    try:
+        response = await d
+        body = readBody(response)
+        body.addTimeout(READYZ_CLIENT_TIMEOUT_S, reactor)
+        data = await body
+    except (defer.TimeoutError, ResponseNeverReceived):
+        raise AssertionError(f"/readyz did not answer within {READYZ_CLIENT_TIMEOUT_S} s") from None
+    return response.code, orjson.loads(data)
+
+
+async def readyz_becomes(port: int, code: int, within: float) -> dict[str, Any]:
+    """Poll /readyz (each answer within 1 s) until it answers ``code``; fail after ``within``."""
+    deadline = reactor.seconds() + within
+    while True:
+        got, body = await readyz(port)
+        if got == code:
+            return body
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"/readyz still {got} {body} after {within} s")
+        await deferLater(0.05)
+
+
+@pytest_twisted.async_yield_fixture
+async def plain_service(redis_proc: RedisProcess, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    svc = ServiceProcess(redis_proc, tmp_path, "abuse").start()
+    try:
+        await svc.ready()
+        yield svc
+    finally:
+        svc.kill()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_readyz_503_while_redis_refuses_writes(
+    plain_service: ServiceProcess, redis_proc: RedisProcess
+) -> None:
+    """Out of memory with noeviction: Redis answers PING but refuses every write."""
+    port = plain_service.http_port
+    assert (await readyz(port))[0] == 200
+    redis_proc.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    redis_proc.cmd("CONFIG", "SET", "maxmemory", "1")  # below what it uses: OOM
+    try:
+        body = await readyz_becomes(port, 503, within=5.0)
+        assert "OOM" in body["reason"], body
+        # a device's packet is not ACKed meanwhile (nothing can be stored)
+        dev = await connect_device(plain_service.device_port)
+        dev.send(HANDSHAKE)
+        assert await dev.expect(1) == b"\x01"
+        dev.send(avl_frame(1))
+        await wait_closed(dev, 10.0)
+        assert bytes(dev.received) == b""
+    finally:
+        redis_proc.cmd("CONFIG", "SET", "maxmemory", "0")
+    await readyz_becomes(port, 200, within=5.0)
+    await plain_service.assert_no_errors()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_readyz_answers_at_once_during_client_pause(
+    plain_service: ServiceProcess, redis_proc: RedisProcess
+) -> None:
+    """Redis stalled (CLIENT PAUSE): /readyz answers within its 1 s deadline every time, and
+    turns 503 while the stall lasts, then 200 again."""
+    port = plain_service.http_port
+    assert (await readyz(port))[0] == 200
+    redis_proc.cmd("CLIENT", "PAUSE", "4000", "ALL")
+    paused_at = reactor.seconds()
+    body = await readyz_becomes(port, 503, within=3.5)
+    assert reactor.seconds() - paused_at < 4.0, "only saw 503 after the pause ended"
+    assert "redis" in body["reason"], body
+    await readyz_becomes(port, 200, within=8.0)
+    await plain_service.assert_no_errors()
+
+
+async def wait_closed(dev: Any, seconds: float) -> None:
+    """The service closes ``dev`` within ``seconds`` (else the test fails)."""
+    d = dev.closed
+    d.addTimeout(seconds, reactor)
+    try:
+        await d
+    except defer.TimeoutError:
+        raise AssertionError(f"connection not closed within {seconds} s") from None

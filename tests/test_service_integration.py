@@ -82,6 +82,7 @@ async def start(
     device_port, http_port = await svc.listening
     running = running_cls(svc, device_port.getHost().port, http_port.getHost().port)
     await wait_for(lambda: svc.redis.connected)
+    await wait_for(lambda: svc.readiness_probe.reason() is None)  # /readyz 200
     return running
 
 
@@ -197,8 +198,12 @@ async def test_redis_down_no_ack_then_resend_after_recovery(
 
         redis_proc.start()
         await wait_for(lambda: running.svc.redis.connected, timeout=15)
-        code, _ = await http_get(f"http://127.0.0.1:{running.http_port}/readyz")
-        assert code == 200
+
+        async def ready() -> bool:
+            code, _ = await http_get(f"http://127.0.0.1:{running.http_port}/readyz")
+            return code == 200
+
+        await wait_for(ready)  # once the background write probe went through
         dev2 = await running.device()  # the device reconnects and resends
         dev2.send(frame)
         assert await dev2.expect(4) == ack(3)

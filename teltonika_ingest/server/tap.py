@@ -28,6 +28,7 @@ from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.server.publisher import Publisher
+from teltonika_ingest.server.readiness import RedisWriteProbe
 from teltonika_ingest.server.registry import Registry
 from teltonika_ingest.server.udp import UdpListener
 
@@ -114,6 +115,12 @@ class IngestService(service.MultiService):
             janitor_interval=config.janitor_interval,
         )
         self.registry.setServiceParent(self)
+
+        # --- readiness: a background write probe; /readyz reads its cached answer
+        self.readiness_probe = RedisWriteProbe(
+            self.redis, instance_id=config.instance_id, clock=reactor
+        )
+        self.readiness_probe.setServiceParent(self)
 
         # --- device authority (allow-list file / Redis set / Luhn); None: everyone
         self.authority = build_authority(config, self.redis, self.metrics.registry)
@@ -253,6 +260,7 @@ class IngestService(service.MultiService):
 
     def _redis_connected(self) -> None:
         self.metrics.redis_up.set(1)
+        self.readiness_probe.probe()  # ready as soon as a write went through, not later
         log.info("Redis connected ({redis})", redis=self.redis.redis_state())
 
     def _registry_connected(self) -> None:
@@ -281,15 +289,15 @@ class IngestService(service.MultiService):
     _stopping = False
 
     def readiness(self) -> defer.Deferred[str | None]:
+        """None when ready, else why not. Answers from cached state at once (the Redis
+        write probe runs in the background): /readyz never waits for Redis."""
         if self._stopping:
             return defer.succeed("shutting down")
         if not self.device_listener_up():
             return defer.succeed("device listener not listening")
-
-        def answered(ok: bool) -> str | None:
-            return None if ok else f"redis not answering ({self.redis.redis_state()})"
-
-        return self.redis.ping().addCallback(answered)
+        if not self.redis.connected:
+            return defer.succeed(f"redis not connected ({self.redis.redis_state()})")
+        return defer.succeed(self.readiness_probe.reason())
 
     # ------------------------------------------------------------------ shutdown (contract.md §7)
 
@@ -303,6 +311,7 @@ class IngestService(service.MultiService):
         service.Service.stopService(self)
         watchdog = clock.callLater(config.shutdown_timeout, self._shutdown_overrun)
         log.info("shutdown: 1/6 stop accepting device connections")
+        self.readiness_probe.stopService()
         await self.listener.stopService()
         await self.commands.stopService()
         log.info("shutdown: 2/6 drain in-flight publishes (up to {t} s)", t=config.drain_timeout)
