@@ -68,6 +68,7 @@ FRAME_OVERHEAD: Final = 12
 SERVER_ENDPOINT_TYPES: Final = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
 REDIS_DEFAULT_PORT: Final = 6379
 LOG_FORMATS: Final = ("text", "json")
+WORKER_SOCKETS: Final = ("reuseport", "shared")
 LOG_LEVELS: Final = ("debug", "info", "warn", "error", "critical")
 
 _TRUE: Final = frozenset({"true", "yes", "1", "on"})
@@ -393,6 +394,28 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "bool",
         "reject IMEIs that fail the Luhn check digit (command line: --luhn / --no-luhn)",
     ),
+    OptionSpec(
+        "workers",
+        "TELTONIKA_WORKERS",
+        "1",
+        "positive-int",
+        "worker processes serving the same device and UDP ports (needs a tcp: --listen); "
+        "worker i registers as <instance-id>-i",
+        why="a single process is the simplest to run and already holds the 10,000 devices "
+        "measured in BENCHMARKS.md; use about one worker per core when one core is not enough.",
+    ),
+    OptionSpec(
+        "worker-sockets",
+        "TELTONIKA_WORKER_SOCKETS",
+        "reuseport",
+        "worker-sockets",
+        "with --workers > 1: reuseport = one SO_REUSEPORT listening socket per worker "
+        "(the kernel spreads connections), shared = one socket accepted from by every worker",
+        why="both spread 2,000 connections over 2 workers within 4 % here (BENCHMARKS.md, "
+        "'Workers'); reuseport wakes one worker per new connection where a shared socket wakes "
+        "them all (the cost grows with N), while shared lets the live workers take the "
+        "connections of one being restarted.",
+    ),
 )
 
 OPTIONS_BY_NAME: Final[Mapping[str, OptionSpec]] = {spec.name: spec for spec in OPTIONS}
@@ -566,6 +589,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "log-format": _choice(LOG_FORMATS),
     "log-level": _choice(LOG_LEVELS, {"warning": "warn"}),
     "bool": _parse_bool,
+    "worker-sockets": _choice(WORKER_SOCKETS),
 }
 _PATH_KINDS: Final = frozenset({"path", "optional-file", "config"})
 
@@ -900,6 +924,8 @@ class Config:
     allow_list: str | None = _DEFAULTS["allow-list"]
     allow_list_key: str | None = _DEFAULTS["allow-list-key"]
     luhn: bool = _DEFAULTS["luhn"]
+    workers: int = _DEFAULTS["workers"]
+    worker_sockets: str = _DEFAULTS["worker-sockets"]  # "reuseport" | "shared"
     # Fixed by the contract (SET instance:heartbeat:{id} EX 90 every 30 s); not options.
     heartbeat_interval: float = 30.0
     heartbeat_ttl: int = 90
@@ -1087,6 +1113,14 @@ def resolve(cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str)
             OPTIONS_BY_NAME["shutdown-timeout"],
             f"must be greater than --drain-timeout ({drain.text.strip()}, from {drain.source})",
             raws["shutdown-timeout"],
+        )
+    if values["workers"] > 1 and not values["listen"].startswith("tcp:"):
+        listen = raws["listen"]
+        raise _error(
+            OPTIONS_BY_NAME["workers"],
+            f"more than one worker needs a plain tcp: --listen endpoint, not "
+            f"{listen.text.strip()!r} (from {listen.source})",
+            raws["workers"],
         )
     needed = values["max_frame_size"] + FRAME_OVERHEAD
     if values["max_buffer"] < needed:

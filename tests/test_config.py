@@ -164,6 +164,8 @@ SAMPLES: dict[str, tuple[list[str], str, str]] = {
     "allow-list": (["--allow-list", "a.txt"], "b.txt", "c.txt"),
     "allow-list-key": (["--allow-list-key", "k1"], "k2", "k3"),
     "luhn": (["--luhn"], "false", "yes"),
+    "workers": (["--workers", "2"], "3", "4"),
+    "worker-sockets": (["--worker-sockets", "shared"], "reuseport", "shared"),
 }
 
 

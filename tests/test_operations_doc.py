@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from teltonika_ingest.server.authority import AuthorityMetrics
 from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.workers import SupervisorMetrics
 
 DOC = (Path(__file__).parent.parent / "OPERATIONS.md").read_text(encoding="utf-8")
 
@@ -24,6 +25,7 @@ def code_metric_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
     AuthorityMetrics.create(registry)
+    SupervisorMetrics(registry)
     names = set()
     for family in registry.collect():
         if not family.name.startswith("teltonika_"):

@@ -38,6 +38,24 @@ return n
 """
 )
 
+# Delete every field naming ARGV[1] (HSCAN: the hash is walked in steps, never copied whole).
+PURGE_INSTANCE = Script(
+    """
+local cursor, n = '0', 0
+repeat
+  local reply = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 1000)
+  cursor = reply[1]
+  local kv = reply[2]
+  for i = 1, #kv, 2 do
+    if kv[i + 1] == ARGV[1] then
+      n = n + redis.call('HDEL', KEYS[1], kv[i])
+    end
+  end
+until cursor == '0'
+return n
+"""
+)
+
 
 def heartbeat_key(instance_id: str) -> str:
     return HEARTBEAT_PREFIX + instance_id
@@ -171,6 +189,26 @@ class Registry(Service):
         """Fires once every register/unregister issued so far has been answered."""
         pending = [_observe(d) for d in self._pending]
         return defer.gatherResults(pending, consumeErrors=True) if pending else defer.succeed([])
+
+    def purge_own(self) -> defer.Deferred[Any]:
+        """Start-up: remove every field that names this instance id. A process that just
+        started holds no device, so such fields are left by a previous run that did not shut
+        down cleanly (a crashed and restarted worker keeps its instance id, and its heartbeat
+        key may still exist, so the janitor would not remove them)."""
+
+        def done(removed: Any) -> Any:
+            if removed:
+                log.info(
+                    "registry: removed {n} stale fields of instance {instance} (left by a "
+                    "previous run that did not shut down cleanly)",
+                    n=removed,
+                    instance=self.instance_id,
+                )
+            return removed
+
+        d = self.redis.run_script(PURGE_INSTANCE, [REGISTRY_KEY], [self.instance_id])
+        d.addCallbacks(done, self._failed, errbackArgs=("start-up purge", "its own fields"))
+        return self._track(d)
 
     def unregister_all(self, imeis: list[str]) -> defer.Deferred[Any]:
         """Graceful shutdown: remove every field we still own, and our heartbeat key."""

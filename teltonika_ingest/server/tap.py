@@ -31,6 +31,11 @@ from teltonika_ingest.server.publisher import Publisher
 from teltonika_ingest.server.readiness import RedisWriteProbe
 from teltonika_ingest.server.registry import Registry
 from teltonika_ingest.server.udp import UdpListener
+from teltonika_ingest.server.worker import (
+    AdoptedSockets,
+    AdoptedStreamEndpoint,
+    AdoptedUdpService,
+)
 
 log = Logger()
 
@@ -60,7 +65,14 @@ def _with_timeout(
 class IngestService(service.MultiService):
     """The whole process: every long-lived part is a child of this service."""
 
-    def __init__(self, config: Config, *, reactor: Any = None, log_observer: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor: Any = None,
+        log_observer: Any = None,
+        adopted: AdoptedSockets | None = None,
+    ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -153,8 +165,13 @@ class IngestService(service.MultiService):
         )
         self.factory.log_packets = config.log_level == "debug"
         self.publisher.pressure_hooks.append(self.factory.publish_pressure)
-        endpoint = endpoints.serverFromString(
-            reactor, with_backlog(config.listen, config.listen_backlog)
+        # a worker of --workers N adopts the sockets its supervisor opened
+        endpoint: Any = (
+            endpoints.serverFromString(
+                reactor, with_backlog(config.listen, config.listen_backlog)
+            )
+            if adopted is None
+            else AdoptedStreamEndpoint(reactor, adopted.listen_fd)
         )
         self.listener = internet.StreamServerEndpointService(endpoint, self.factory)
         # The device port not binding is fatal: fail start-up instead of running deaf.
@@ -175,7 +192,7 @@ class IngestService(service.MultiService):
         self.commands.setServiceParent(self)
 
         self.udp: UdpListener | None = None
-        self.udp_service: internet.UDPServer | None = None
+        self.udp_service: service.Service | None = None
         if config.udp_port:
             self.udp = UdpListener(
                 publisher=self.publisher,
@@ -184,16 +201,22 @@ class IngestService(service.MultiService):
                 dedup_window=config.udp_dedup_window,
                 authority=self.authority,
             )
-            self.udp_service = internet.UDPServer(
-                config.udp_port, self.udp, interface=config.udp_interface
-            )
+            if adopted is not None and adopted.udp_fd is not None:
+                self.udp_service = AdoptedUdpService(reactor, adopted.udp_fd, self.udp)
+            else:
+                self.udp_service = internet.UDPServer(
+                    config.udp_port, self.udp, interface=config.udp_interface
+                )
             self.udp_service.setName("udp")
             self.udp_service.setServiceParent(self)
 
         # --- HTTP operations listener
         site = operations_site(self.metrics.registry, self.readiness)
         self.http = internet.StreamServerEndpointService(
-            endpoints.serverFromString(reactor, config.metrics), site
+            endpoints.serverFromString(reactor, config.metrics)
+            if adopted is None
+            else AdoptedStreamEndpoint(reactor, adopted.metrics_fd),
+            site,
         )
         self.http._raiseSynchronously = True
         self.http.setName("http")
@@ -232,7 +255,7 @@ class IngestService(service.MultiService):
             redis=self.config.redis.describe() if self.config.redis else "embedded",
             stream=self.config.stream,
         )
-        raise_open_files_limit()
+        raise_open_files_limit(self.config.max_connections)
         tune_garbage_collector()
         super().startService()
         self.listening = defer.gatherResults(
@@ -267,6 +290,11 @@ class IngestService(service.MultiService):
         # Beat at once: the first beat at start-up may have failed before the connection
         # existed, and without the key other instances' janitors would drop our fields.
         if self.registry.running:
+            if not self._purged:
+                # first connection: fields naming us are a previous run's (before the
+                # re-registration below, on the same connection: Redis keeps the order)
+                self._purged = True
+                self.registry.purge_own()
             self.registry.beat()
             # Registrations attempted while Redis was away failed (and a Redis restarted
             # empty lost them all): register every device we hold again.
@@ -287,6 +315,7 @@ class IngestService(service.MultiService):
         )
 
     _stopping = False
+    _purged = False
 
     def readiness(self) -> defer.Deferred[str | None]:
         """None when ready, else why not. Answers from cached state at once (the Redis
@@ -382,9 +411,11 @@ def tune_garbage_collector() -> None:
     gc.freeze()
 
 
-def raise_open_files_limit() -> tuple[int, int]:
+def raise_open_files_limit(max_connections: int = 0) -> tuple[int, int]:
     """Raise the soft open-files limit to the hard one: each device is a file descriptor,
-    and the usual soft limit of 1024 would cap the fleet per instance. Returns (soft, hard)."""
+    and the usual soft limit of 1024 would cap the fleet per instance. Warns when the limit
+    is below ``max_connections`` (the process would fail in accept() before refusing
+    cleanly). Returns (soft, hard)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -396,7 +427,17 @@ def raise_open_files_limit() -> tuple[int, int]:
             soft = target
         except (ValueError, OSError) as e:
             log.warn("could not raise the open-files limit ({soft}): {error}", soft=soft, error=e)
-    if soft < 4096:
+    if max_connections and soft < max_connections + _SPARE_FILES:
+        log.warn(
+            "open-files limit {soft} is below --max-connections {max} (+ {spare} for Redis, "
+            "HTTP and logs): past about {usable} devices accept() fails instead of refusing "
+            "cleanly; raise LimitNOFILE / ulimit -n, lower --max-connections or add --workers",
+            soft=soft,
+            max=max_connections,
+            spare=_SPARE_FILES,
+            usable=max(0, soft - _SPARE_FILES),
+        )
+    elif soft < 4096:
         log.warn(
             "open-files limit is {soft}: this instance can hold at most about that many devices "
             "(raise LimitNOFILE / ulimit -n)",
@@ -405,8 +446,19 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
+#: descriptors a worker needs besides its devices: Redis connections, HTTP, logs, listeners
+_SPARE_FILES = 64
+
+
 def makeService(options: Options | dict[str, Any]) -> IService:
     config: Config = options.config if isinstance(options, Options) else options["config"]
+    if config.workers > 1 and config.redis is None:
+        from twisted.python import usage
+
+        raise usage.UsageError(
+            "--workers: more than one worker needs --redis-url "
+            "(the embedded development Redis is for one process)"
+        )
     if config.redis is None:
         from twisted.python import usage
 
@@ -416,7 +468,13 @@ def makeService(options: Options | dict[str, Any]) -> IService:
             find_redis_server()
         except EmbeddedRedisError as e:
             raise usage.UsageError(str(e)) from None
-    observer = logsetup.twistd_observer(
-        config.log_format, config.log_level, getattr(options, "parent", None)
-    )
+    twistd_options = getattr(options, "parent", None)
+    observer = logsetup.twistd_observer(config.log_format, config.log_level, twistd_options)
+    if config.workers > 1:
+        from teltonika_ingest.server.workers import WorkerSupervisor
+
+        logfile = (twistd_options or {}).get("logfile") or None
+        return WorkerSupervisor(
+            config, log_observer=observer, logfile=None if logfile == "-" else logfile
+        )
     return IngestService(config, log_observer=observer)

@@ -1,0 +1,236 @@
+"""``--workers N`` end to end: a real ``twistd`` supervisor with 2 worker processes and a real
+redis-server. The registry names the worker that holds each device, commands reach the device
+through that worker's stream, a killed worker is restarted (and its stale registry fields go),
+the one --metrics endpoint shows both workers, SIGTERM drains every worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from test_commands_integration import answer
+from test_shutdown import TwistdProcess
+
+from teltonika_ingest.codec import TYPE_COMMAND, decode_command_frame, encode_imei
+from teltonika_ingest.sim.traffic import imei_for
+
+from device import DeviceProtocol, connect_device, expect_frame, http_get, wait_for
+from redisproc import RedisProcess
+from support import avl_frame
+
+pytestmark = pytest.mark.integration
+
+BASE = 35_100_000_000_000
+INSTANCES = {"shutdown-test-0", "shutdown-test-1"}
+
+
+def registry(redis: RedisProcess) -> dict[str, str]:
+    flat = redis.cmd("HGETALL", "connections:registry")
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def child_pids(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def worker_pid(svc: TwistdProcess, index: int) -> int:
+    """The pid of worker ``index`` (the supervisor logs each start)."""
+    found = re.findall(rf"worker {index} started: pid (\d+)", svc.log.read_text())
+    assert found, svc.log.read_text()
+    return int(found[-1])
+
+
+async def metrics_text(svc: TwistdProcess) -> str:
+    code, body = await http_get(f"http://127.0.0.1:{svc.http_port}/metrics")
+    assert code == 200
+    return body.decode()
+
+
+async def connect_on_every_worker(
+    svc: TwistdProcess, redis: RedisProcess, start: int = 0
+) -> dict[str, tuple[DeviceProtocol, str]]:
+    """Connect devices until each worker holds at least one (the kernel picks the worker:
+    with 2 workers, 40 devices all on one would happen once in 2^39 runs)."""
+    held: dict[str, tuple[DeviceProtocol, str]] = {}
+    for index in range(start, start + 40):
+        imei = imei_for(BASE, index)
+        dev = await connect_device(svc.device_port)
+        dev.send(encode_imei(imei))
+        assert await dev.expect(1) == b"\x01"
+        await wait_for(lambda imei=imei: imei in registry(redis), timeout=10)
+        held[imei] = (dev, registry(redis)[imei])
+        if {holder for _, holder in held.values()} == INSTANCES:
+            return held
+    raise AssertionError(f"one worker got every device: {registry(redis)}")
+
+
+async def command_round_trip(redis: RedisProcess, imei: str, dev: DeviceProtocol, to: str) -> dict:
+    command_id = f"cmd-{imei}-{to}"
+    redis.cmd(
+        "XADD", f"commands:instance:{to}", "*", "id", command_id, "imei", imei, "text", "getver"
+    )
+    if to == registry(redis)[imei]:
+        message = decode_command_frame(await expect_frame(dev, timeout=10))
+        assert (message.type, message.payload) == (TYPE_COMMAND, b"getver")
+        dev.send(answer(b"Ver:03.27.07_00"))
+
+    async def recorded() -> bool:
+        return any(
+            dict(zip(f[0::2], f[1::2], strict=True)).get("id") == command_id
+            for _id, f in redis.cmd("XRANGE", "commands:results", "-", "+")
+        )
+
+    await wait_for(recorded, timeout=10)
+    for _id, flat in redis.cmd("XRANGE", "commands:results", "-", "+"):
+        fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        if fields.get("id") == command_id:
+            return fields
+    raise AssertionError("unreachable")
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_registry_commands_metrics_and_drain(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    svc = TwistdProcess(redis_proc, tmp_path, "--workers", "2")
+    try:
+        await svc.ready()
+        assert len(child_pids(svc.proc.pid)) == 2
+        for instance in INSTANCES:
+            assert redis_proc.cmd("EXISTS", f"instance:heartbeat:{instance}") == 1
+        held = await connect_on_every_worker(svc, redis_proc)
+
+        # telemetry through both workers: ACKed, in the stream
+        for dev, _holder in held.values():
+            dev.send(avl_frame(2))
+            assert await dev.expect(4, timeout=10) == b"\x00\x00\x00\x02"
+        assert redis_proc.cmd("XLEN", "telemetry:teltonika") == 2 * len(held)
+
+        # commands: through the holder's stream they reach the device; through the other
+        # worker's stream they are not_connected (that worker does not hold the socket)
+        for imei, (dev, holder) in list(held.items())[-2:]:
+            ok = await command_round_trip(redis_proc, imei, dev, holder)
+            assert (ok["status"], ok["instance_id"], ok["response"]) == (
+                "ok",
+                holder,
+                "Ver:03.27.07_00",
+            )
+            (other,) = INSTANCES - {holder}
+            wrong = await command_round_trip(redis_proc, imei, dev, other)
+            assert (wrong["status"], wrong["instance_id"]) == ("not_connected", other)
+
+        # one --metrics endpoint: every worker's series, labelled
+        text = await metrics_text(svc)
+        per_worker = {
+            w: sum(1 for _, h in held.values() if h == f"shutdown-test-{w}") for w in "01"
+        }
+        for w, n in per_worker.items():
+            assert f'teltonika_connections_active{{worker="{w}"}} {float(n)}' in text
+        assert "teltonika_workers_running 2.0" in text
+        assert 'teltonika_reactor_lag_seconds_count{worker="1"}' in text
+
+        # SIGTERM: every worker drains (closes its devices, unregisters, drops its heartbeat)
+        svc.proc.send_signal(signal.SIGTERM)
+        # twistd re-raises SIGTERM after a clean shutdown (OPERATIONS.md, exit statuses)
+        assert await svc.exited(timeout=40) == -signal.SIGTERM
+        for dev, _ in held.values():
+            await wait_for(lambda dev=dev: dev.closed.called, timeout=5)
+        assert registry(redis_proc) == {}
+        for instance in INSTANCES:
+            assert redis_proc.cmd("EXISTS", f"instance:heartbeat:{instance}") == 0
+        log = svc.log.read_text()
+        assert log.count("shutdown complete") == 3  # two workers and the supervisor
+    finally:
+        svc.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_worker_is_restarted_and_its_stale_fields_removed(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    svc = TwistdProcess(redis_proc, tmp_path, "--workers", "2")
+    try:
+        await svc.ready()
+        held = await connect_on_every_worker(svc, redis_proc)
+        victim_imei, (victim_dev, victim) = next(
+            (imei, v) for imei, v in held.items() if v[1] == "shutdown-test-1"
+        )
+        victim_pid = worker_pid(svc, 1)
+        assert victim_pid in child_pids(svc.proc.pid)
+        os.kill(victim_pid, signal.SIGKILL)  # a crash: no drain, no unregister
+        await wait_for(lambda: victim_dev.closed.called, timeout=10)
+        # restarted on the same socket, with the same instance id
+        await wait_for(lambda: len(child_pids(svc.proc.pid) - {victim_pid}) == 2, timeout=20)
+
+        async def restart_counted() -> bool:
+            return "teltonika_worker_restarts_total 1.0" in await metrics_text(svc)
+
+        await wait_for(restart_counted, timeout=10)
+        await svc.ready()
+        # the crashed run's fields are gone: no IMEI names worker 1 unless it holds it now
+        stale = [imei for imei, (_, h) in held.items() if h == victim]
+        await wait_for(
+            lambda: not any(registry(redis_proc).get(imei) == victim for imei in stale),
+            timeout=10,
+        )
+        # devices are served by both workers again
+        again = await connect_on_every_worker(svc, redis_proc, start=100)
+        for dev, _ in again.values():
+            dev.send(avl_frame(1))
+            assert await dev.expect(4, timeout=10) == b"\x00\x00\x00\x01"
+        assert registry(redis_proc).get(victim_imei) != victim
+        svc.proc.send_signal(signal.SIGTERM)
+        # twistd re-raises SIGTERM after a clean shutdown (OPERATIONS.md, exit statuses)
+        assert await svc.exited(timeout=40) == -signal.SIGTERM
+    finally:
+        svc.kill()
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_open_files_limit_below_max_connections_warns() -> None:
+    import resource
+
+    from twisted.logger import capturedLogs
+
+    from teltonika_ingest.server.tap import raise_open_files_limit
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with capturedLogs() as events:
+        raise_open_files_limit(max_connections=hard + 1)  # the soft limit is <= hard
+        low = [e for e in events if "below --max-connections" in e.get("log_format", "")]
+        raise_open_files_limit(max_connections=100)
+        after = [e for e in events if "below --max-connections" in e.get("log_format", "")]
+    assert len(low) == 1 and low[0]["max"] == hard + 1
+    assert after == low  # a limit far above --max-connections: no warning
+
+
+def test_listen_address_of_a_tcp_endpoint() -> None:
+    from teltonika_ingest.server.workers import parse_tcp_listen
+
+    address = parse_tcp_listen("tcp:5027:interface=127.0.0.1:backlog=50")
+    assert (address.host, address.port, address.backlog) == ("127.0.0.1", 5027, 50)
+    assert parse_tcp_listen("tcp:port=6000").port == 6000
+    with pytest.raises(ValueError, match="tcp:"):
+        parse_tcp_listen("ssl:5027:privateKey=k.pem")
+
+
+def test_workers_need_a_tcp_listener_and_a_redis_url(tmp_path: Path) -> None:
+    from twisted.python import usage
+
+    from teltonika_ingest.config import Config
+    from teltonika_ingest.server.tap import makeService
+
+    with pytest.raises(usage.UsageError, match="--workers: more than one worker needs a plain"):
+        Config.from_args(
+            ["--workers", "2", "--listen", "unix:/tmp/x.sock"], environ={}, cwd=tmp_path
+        )
+    config = Config.from_args(["--workers", "2"], environ={}, cwd=tmp_path)
+    with pytest.raises(usage.UsageError, match="needs --redis-url"):
+        makeService({"config": config})
