@@ -167,9 +167,7 @@ class IngestService(service.MultiService):
         self.publisher.pressure_hooks.append(self.factory.publish_pressure)
         # a worker of --workers N adopts the sockets its supervisor opened
         endpoint: Any = (
-            endpoints.serverFromString(
-                reactor, with_backlog(config.listen, config.listen_backlog)
-            )
+            endpoints.serverFromString(reactor, with_backlog(config.listen, config.listen_backlog))
             if adopted is None
             else AdoptedStreamEndpoint(reactor, adopted.listen_fd)
         )
