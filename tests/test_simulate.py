@@ -48,6 +48,7 @@ from teltonika_ingest.sim.traffic import (
     UdpTemplate,
     build_packet,
     imei_for,
+    source_address,
 )
 
 from device import wait_for
@@ -199,6 +200,7 @@ class _Box:
         self.frames: list[bytes] = []
         self.connections = 0
         self.protocols: list[_FakeServer] = []
+        self.peers: list[str] = []  # source address of each connection
 
 
 class _FakeServer(protocol.Protocol):
@@ -209,6 +211,7 @@ class _FakeServer(protocol.Protocol):
         self.handshaken = False
         self.box.connections += 1
         self.box.protocols.append(self)
+        self.box.peers.append(self.transport.getPeer().host)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
@@ -294,6 +297,24 @@ async def test_resend_after_missing_ack(fake_server: Any, answer: Any, error: st
     assert summary["reconnects"] == 1
     assert summary["errors"] == {error: 1}
     assert not summary["incomplete"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_spread_over_source_addresses(fake_server: Any) -> None:
+    box, port = fake_server(_ack_all)
+    config = SimConfig(port=port, devices=5, records=1, packets=1, source_addresses=2, max_time=20)
+    summary = await Simulation(config).run()
+    assert summary["packets_acked"] == 5
+    # device i binds 127.0.1.(1 + i % 2); the connection order is the start order
+    assert sorted(box.peers) == ["127.0.1.1"] * 3 + ["127.0.1.2"] * 2
+    assert [source_address(n) for n in (0, 253, 254, 64515)] == [
+        "127.0.1.1",
+        "127.0.1.254",
+        "127.0.2.1",
+        "127.0.254.254",
+    ]
+    with pytest.raises(ValueError, match="127.x --host"):
+        SimConfig(host="192.0.2.1", devices=1, packets=1, source_addresses=2).validate()
 
 
 @pytest_twisted.ensureDeferred

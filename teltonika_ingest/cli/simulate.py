@@ -152,6 +152,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "600 s with --packets alone)",
     )
     load.add_argument(
+        "--source-addresses",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bind device i to loopback address i %% N (127.0.1.1, 127.0.1.2, ...): each "
+        "address has its own ephemeral ports, so one host can open more than ~28,000 "
+        "connections to one service port (0: the kernel picks; default %(default)s)",
+    )
+    load.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -224,6 +233,7 @@ def _config(args: argparse.Namespace) -> Any:
         progress_interval=args.progress_interval,
         first_device=args.first_device,
         total_devices=args.total_devices,
+        source_addresses=args.source_addresses,
     )
     config.validate()
     return config
@@ -384,6 +394,7 @@ def _child_argv(args: argparse.Namespace, first: int, count: int, total: int) ->
         "--seed", str(args.seed),
         "--progress-interval", repr(args.progress_interval),
         "--first-device", str(first),
+        "--source-addresses", str(args.source_addresses),
         "--total-devices", str(total),
         "--json",
         "--progress-json",

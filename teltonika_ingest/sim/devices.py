@@ -257,7 +257,11 @@ class TcpDevice(BaseDevice, protocol.ClientFactory):
         self.state = _CONNECTING
         sim.connecting += 1
         self.connector = sim.reactor.connectTCP(
-            sim.config.host, sim.config.port, self, timeout=sim.config.connect_timeout
+            sim.config.host,
+            sim.config.port,
+            self,
+            timeout=sim.config.connect_timeout,
+            bindAddress=sim.bind_address(self.index),
         )
 
     def buildProtocol(self, addr: Any) -> _DeviceProtocol:
@@ -468,7 +472,8 @@ class UdpDevice(BaseDevice, protocol.DatagramProtocol):
         sim = self.sim
         if sim.closing or sim.sending_stopped:
             return
-        self.port = sim.reactor.listenUDP(0, self)
+        bind = sim.bind_address(self.index)
+        self.port = sim.reactor.listenUDP(0, self, interface=bind[0] if bind else "")
         self.transport.connect(sim.udp_host, sim.udp_port)
         sim.stats.connects += 1
         self.state = _READY

@@ -61,6 +61,7 @@ from teltonika_ingest.sim.traffic import (
     UdpTemplate,
     build_packet,
     imei_for,
+    source_address,
 )
 
 # --------------------------------------------------------------------------- the run
@@ -155,6 +156,12 @@ class Simulation:
             else:
                 device = TcpDevice(self, index, imei, tcp_templates[codec][slot])
             self.devices.append(device)
+
+    def bind_address(self, index: int) -> tuple[str, int] | None:
+        """Where device ``index`` (global) binds its socket: with --source-addresses, one of
+        that many loopback addresses (past the ~28,000 ephemeral ports of one address)."""
+        n = self.config.source_addresses
+        return (source_address(index % n), 0) if n else None
 
     @property
     def frame_sizes(self) -> list[int]:

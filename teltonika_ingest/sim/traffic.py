@@ -64,6 +64,9 @@ class SimConfig:
     # devices - 1 out of total_devices (ramp-up and paced phases use the global index).
     first_device: int = 0
     total_devices: int | None = None
+    # Bind device i to loopback address number i % source_addresses (127.0.1.1, 127.0.1.2,
+    # ...): each source address has its own ~28,000 ephemeral ports. 0: let the kernel pick.
+    source_addresses: int = 0
 
     def validate(self) -> None:
         if self.devices < 0:
@@ -90,6 +93,10 @@ class SimConfig:
             raise ValueError("--udp needs --udp-port")
         if not 0 <= self.imei_base <= 99_999_999_999_999:
             raise ValueError("--imei-base must have at most 14 digits")
+        if not 0 <= self.source_addresses <= MAX_SOURCE_ADDRESSES:
+            raise ValueError(f"--source-addresses must be 0..{MAX_SOURCE_ADDRESSES}")
+        if self.source_addresses and not self.host.startswith("127."):
+            raise ValueError("--source-addresses binds to 127.x.y.z: only for a 127.x --host")
         if self.imei_base + self.first_device + self.devices > 99_999_999_999_999 + 1:
             raise ValueError("--imei-base too large for that many devices")
 
@@ -100,6 +107,16 @@ class SimConfig:
         if self.duration is not None:
             return self.ramp_up + self.duration + self.ack_timeout + 30.0
         return 600.0
+
+
+#: 127.0.b.c with b, c in 1..254
+MAX_SOURCE_ADDRESSES = 254 * 254
+
+
+def source_address(number: int) -> str:
+    """Loopback source address ``number`` (0-based): 127.0.1.1, 127.0.1.2, ... 127.0.1.254,
+    127.0.2.1, ... (no .0 or .255 octets). Linux answers all of 127.0.0.0/8 on ``lo``."""
+    return f"127.0.{1 + number // 254}.{1 + number % 254}"
 
 
 def imei_for(base: int, index: int) -> str:
