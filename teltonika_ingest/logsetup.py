@@ -20,8 +20,19 @@ JSON lines
 ----------
 One compact object per line: ``time`` (ISO 8601 UTC, ms, ``Z``), ``level``, ``namespace``,
 ``message`` (the formatted text), every structured field of the event (``imei``, ``peer``,
-``codec``, ``records``, ``reason``, ...; values that are not JSON become strings), and for an
-event carrying a failure ``error`` (``Type: message``) and ``traceback``.
+``codec``, ``records``, ``reason``, ``error``, ...; addresses as ``host:port``, other values
+that are not JSON become strings), and for an event carrying a failure ``error`` (``Type:
+message``) and ``traceback``. Field names are the event's own: a field named like a key above
+is written as ``field_<name>`` (``error`` and ``traceback`` only when a failure sets them). Events
+of Twisted's legacy ``log.msg`` have namespace ``twisted``.
+
+Twisted's own chatter
+---------------------
+:func:`demote_noise` turns Twisted's routine lines into debug events: "Starting factory",
+"Stopping factory", "X starting on PORT", "(TCP Port N Closed)", ClientService's "Scheduling
+retry N to connect ...", txredisapi's "Redis error: ..." per failed AUTH. They say nothing an
+operator acts on, or say it once per retry: the service logs its own "listening on" lines and
+reports Redis trouble itself, rate-limited (``RedisClient.trouble``).
 
 Unhandled errors
 ----------------
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -90,8 +102,18 @@ FORMATS: Final = ("text", "json")
 _LEGACY_KEYS: Final = frozenset(
     {"message", "format", "isError", "failure", "why", "time", "system", "printed"}
 )
-_CORE_KEYS: Final = frozenset({"time", "level", "namespace", "message", "error", "traceback"})
+_CORE_KEYS: Final = frozenset({"time", "level", "namespace", "message"})
+_FAILURE_KEYS: Final = frozenset({"error", "traceback"})
 _MAX_DEPTH: Final = 4
+LEGACY_NAMESPACE: Final = "twisted"
+
+# Twisted's routine lines, demoted to debug (see the module doc).
+_NOISE: Final = re.compile(
+    r"Starting factory .*|Stopping factory .*|.+ starting on \S+|\(\w+ Port \S+ Closed\)"
+    # txredisapi's line per failed AUTH/SELECT: RedisClient reports it, rate-limited
+    r"|Redis error: .*"
+)
+_NOISY_NAMESPACES: Final = frozenset({"twisted.application._client_service.ClientService"})
 
 
 # --------------------------------------------------------------------------- level filter
@@ -111,10 +133,23 @@ def level_predicate(level: str) -> LogLevelFilterPredicate:
 # --------------------------------------------------------------------------- JSON lines
 
 
+def format_address(address: Any) -> str | None:
+    """``host:port`` (``[v6]:port``) of a Twisted IPv4/IPv6 address, else None."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    if isinstance(address, IPv4Address | IPv6Address):
+        host = address.host
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    return None
+
+
 def _jsonable(value: Any, depth: int = 0) -> Any:
     """``value`` as something ``json.dumps`` encodes without error (strings otherwise)."""
     if value is None or isinstance(value, bool | str):
         return value
+    address = format_address(value)
+    if address is not None:
+        return address
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -145,13 +180,22 @@ def _failure_of(event: LogEvent) -> Any:
     return failure
 
 
+def _is_legacy(event: LogEvent) -> bool:
+    # twisted.python.log events always carry "message" (a tuple) and "isError"
+    return "isError" in event and isinstance(event.get("message"), tuple)
+
+
 def event_as_json(event: LogEvent) -> str:
     """One log event as one line of compact JSON (with the trailing newline)."""
     level = event.get("log_level")
+    legacy = _is_legacy(event)
+    namespace = event.get("log_namespace") or "-"
+    if legacy and namespace == "log_legacy":
+        namespace = LEGACY_NAMESPACE
     record: dict[str, Any] = {
         "time": _iso_time(event.get("log_time")),
         "level": getattr(level, "name", None) or "info",
-        "namespace": event.get("log_namespace") or "-",
+        "namespace": namespace,
         "message": formatEvent(event),
     }
     failure = _failure_of(event)
@@ -161,13 +205,11 @@ def event_as_json(event: LogEvent) -> str:
             record["traceback"] = failure.getTraceback()
         except Exception:  # a broken failure must not break logging
             record["error"] = repr(failure)
-    # twisted.python.log events always carry "message" (a tuple) and "isError"
-    legacy = "isError" in event and isinstance(event.get("message"), tuple)
     for key, value in event.items():
         if key.startswith("log_") or (legacy and key in _LEGACY_KEYS):
             continue
-        name = key + "_" if key in _CORE_KEYS else key
-        record[name] = _jsonable(value)
+        clash = key in _CORE_KEYS or (key in _FAILURE_KEYS and failure is not None)
+        record["field_" + key if clash else key] = _jsonable(value)
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
 
 
@@ -187,8 +229,32 @@ def observer_for(log_format: str, log_level: str, out: IO[str]) -> ILogObserver:
     return _filtered(inner, log_level)
 
 
+def is_noise(event: LogEvent) -> bool:
+    """Twisted's routine chatter (see the module doc), at info level."""
+    if event.get("log_level") is not LogLevel.info:
+        return False
+    if event.get("log_namespace") in _NOISY_NAMESPACES:
+        return True
+    if not _is_legacy(event) or event.get("isError"):
+        return False
+    return bool(_NOISE.fullmatch(formatEvent(event)))
+
+
+@implementer(ILogObserver)
+class demote_noise:  # used like a function
+    """Wraps ``observer``: Twisted's routine info events reach it at level debug."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if is_noise(event):
+            event = dict(event, log_level=LogLevel.debug)
+        self.observer(event)
+
+
 def _filtered(observer: ILogObserver, log_level: str) -> ILogObserver:
-    return FilteringLogObserver(observer, [level_predicate(log_level)])
+    return demote_noise(FilteringLogObserver(observer, [level_predicate(log_level)]))
 
 
 # --------------------------------------------------------------------------- twistd

@@ -27,6 +27,7 @@ from twisted.python.systemd import ListenFDs
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import Config
+from teltonika_ingest.server.startup import StartupError
 from teltonika_ingest.server.tap import IngestService
 
 from device import connect_device
@@ -233,7 +234,7 @@ def test_systemd_endpoint_without_inherited_socket_fails_at_start(
         environ={},
         cwd=tmp_path,
     )
-    with pytest.raises(IndexError):
+    with pytest.raises(StartupError, match="no inherited socket"):
         IngestService(config)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from twisted.application.service import Application
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
@@ -48,14 +49,19 @@ def test_json_lines_parse_with_structured_fields() -> None:
     )
     log.warn("odd values {x}", x=object(), nan=float("nan"), big=2**80, nested={"a": (1, 2)})
     log.info("a field called {message}", message="collides")
+    log.warn(
+        "heartbeat failed: {error}",
+        error="connecting",
+        address=IPv4Address("TCP", "10.0.0.5", 6379),
+    )
     try:
         1 / 0  # noqa: B018
     except ZeroDivisionError:
         log.failure("session of {imei} crashed", imei="352093081452251")
 
     lines = out.getvalue().splitlines()
-    assert len(lines) == 4  # one object per line, nothing else
-    ack, odd, collide, crash = (json.loads(line) for line in lines)
+    assert len(lines) == 5  # one object per line, nothing else
+    ack, odd, collide, plain, crash = (json.loads(line) for line in lines)
     assert ack["level"] == "info"
     assert ack["namespace"] == "teltonika_ingest.server.protocol"
     assert ack["message"] == "ACKed 3 records (8E) for 356307042441013 from 203.0.113.7:56324"
@@ -70,7 +76,11 @@ def test_json_lines_parse_with_structured_fields() -> None:
     assert odd["level"] == "warn"
     assert odd["x"].startswith("<object object")
     assert odd["nan"] == "nan" and odd["big"] == 2**80 and odd["nested"] == {"a": [1, 2]}
-    assert collide["message"] == "a field called collides" and collide["message_"] == "collides"
+    assert collide["message"] == "a field called collides"
+    assert collide["field_message"] == "collides"
+    # a field named error (no failure) keeps its name; addresses are host:port
+    assert plain["error"] == "connecting" and "error_" not in plain
+    assert plain["address"] == "10.0.0.5:6379"
     assert crash["level"] == "critical"
     assert crash["error"] == "ZeroDivisionError: division by zero"
     assert "Traceback" in crash["traceback"] and "1 / 0" in crash["traceback"]
@@ -88,8 +98,33 @@ def test_json_lines_of_legacy_events() -> None:
         legacy.msg(failure=Failure(), isError=1, why="legacy err")
     info, err = json_lines(out.getvalue())
     assert info["message"] == "txredisapi says hello" and info["level"] == "info"
+    assert info["namespace"] == "twisted" and err["namespace"] == "twisted"  # not log_legacy
     assert "time" in info and not isinstance(info["time"], float)
     assert err["level"] == "critical" and err["error"] == "ValueError: boom"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_twisted_routine_lines_are_debug(fmt: str) -> None:
+    """Port and factory chatter and ClientService's per-retry line are debug: gone at info,
+    kept (as debug) at debug; anything else of Twisted's stays at its level."""
+    for level, expected in (("info", 0), ("debug", 5)):
+        out = io.StringIO()
+        publisher = LogPublisher(logsetup.observer_for(fmt, level, out))
+        legacy = legacy_log.LogPublisher(publisher, publisher)
+        legacy.msg("TeltonikaFactory starting on 5027")
+        legacy.msg("(TCP Port 5027 Closed)")
+        legacy.msg("Starting factory <txredisapi.RedisFactory object at 0x7f>")
+        legacy.msg("Stopping factory <txredisapi.RedisFactory object at 0x7f>")
+        Logger(
+            namespace="twisted.application._client_service.ClientService", observer=publisher
+        ).info("Scheduling retry {attempt} to connect {endpoint}", attempt=1, endpoint="x")
+        legacy.msg("something else entirely")
+        text = out.getvalue()
+        assert "something else entirely" in text
+        lines = text.splitlines()
+        assert len(lines) == expected + 1, text
+        if fmt == "json" and expected:
+            assert [e["level"] for e in json_lines(text)] == ["debug"] * 5 + ["info"]
 
 
 # --------------------------------------------------------------------------- level filter

@@ -24,11 +24,26 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked (it imports Twisted, which ``decode`` avoids)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from teltonika_ingest.buildinfo import version_line
+
+        print(version_line())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teltonika-ingest",
-        description="Teltonika GPS tracker ingestion: tools around the service.",
+        description="Teltonika GPS tracker ingestion: tools around the service "
+        "(the service itself runs as: twistd -n teltonika-ingest).",
     )
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

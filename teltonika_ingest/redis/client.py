@@ -11,7 +11,11 @@ wrong for a long-running service:
   reconnect, upstream issues 126/146), the pool is rebuilt with a bounded
   backoff so the client heals by itself;
 * scripts are run with EVALSHA and reloaded on ``NOSCRIPT`` (Redis restarted or
-  ``SCRIPT FLUSH``).
+  ``SCRIPT FLUSH``);
+* Redis being unreachable or refusing us (connection refused, DNS failure, connect timeout,
+  AUTH failing, ``NOAUTH``, a ``READONLY`` replica, ``LOADING``) is one WARNING with the
+  reason at the first failure, then at most one per ``trouble_log_interval`` with the count
+  in between (txredisapi/ClientService's own per-retry lines are debug, see logsetup).
 
 Replies: integers as ``int``, status and bulk strings as ``str`` (UTF-8; a bulk
 string that is not valid UTF-8 comes back as ``bytes``), nil as ``None``, arrays as
@@ -42,10 +46,13 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
+from twisted.internet import error as net_error
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = [
     "RedisClient",
@@ -159,6 +166,65 @@ def _unwrap_exec(reply: Any) -> Any:
     return reply
 
 
+# Reply errors that mean "this Redis will not take our commands", not "this command was bad".
+_REFUSING_CODES = frozenset(
+    {"READONLY", "NOAUTH", "WRONGPASS", "LOADING", "MISCONF", "MASTERDOWN", "NOPERM"}
+)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """The reply error's text if it says Redis refuses our commands (read-only replica, no
+    auth, loading, persistence broken), else None. Scripts wrap the inner error's text."""
+    if not isinstance(exc, RedisReplyError):
+        return None
+    text = str(exc)
+    if exc.code in _REFUSING_CODES:
+        return text
+    for code in _REFUSING_CODES:
+        if f"-{code} " in text or f": {code} " in text:
+            return text
+    return None
+
+
+def connect_failure_reason(failure: Failure) -> str:
+    """A failed connection attempt in words (no object reprs)."""
+    exc = failure.value
+    if isinstance(exc, net_error.DNSLookupError):
+        return " ".join(str(exc).split()) or "DNS lookup failed"
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, net_error.TimeoutError | defer.TimeoutError):
+        return "connect timed out"
+    if isinstance(exc, net_error.NoRouteError):
+        return "no route to host"
+    message = failure.getErrorMessage()
+    return " ".join(message.split()) or type(exc).__name__
+
+
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """The endpoint txredisapi's slots connect through: tells the client why an attempt
+    failed (ClientService only logs its own repr of the endpoint, at every retry)."""
+
+    def __init__(self, inner: Any, where: str, failed: Callable[[str], object]) -> None:
+        self._inner = inner
+        self._where = where
+        self._failed = failed
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = self._inner.connect(factory)
+        d.addErrback(self._attempt_failed)
+        return d
+
+    def _attempt_failed(self, failure: Failure) -> Failure:
+        if not failure.check(defer.CancelledError):  # stopService cancels an attempt
+            self._failed(connect_failure_reason(failure))
+        return failure
+
+    def __repr__(self) -> str:
+        return f"Redis {self._where}"
+
+
 def _timeout_to_redis(failure: Failure) -> Any:
     if failure.check(defer.TimeoutError):
         args = failure.value.args if failure.value is not None else ()
@@ -221,6 +287,8 @@ class RedisClient(Service):
     #: bounds of the delay before rebuilding a pool txredisapi gave up on
     rebuild_delay_min = 0.5
     rebuild_delay_max = 30.0
+    #: Redis unreachable or refusing: a WARNING at once, then at most one per this interval
+    trouble_log_interval = 30.0
 
     def __init__(
         self,
@@ -267,6 +335,9 @@ class RedisClient(Service):
         self._sweeper: LoopingCall | None = None
         self.connection_made_hooks: list[Callable[[], object]] = []
         self.connection_lost_hooks: list[Callable[[str], object]] = []
+        self._trouble_next: float | None = None  # when the next trouble WARNING may be logged
+        self._trouble_quiet = 0  # troubles not logged since the last WARNING
+        self._unwrap = self._unwrap_reply  # bound once, not per command
 
     # -- commands (hot path) -------------------------------------------------
 
@@ -278,7 +349,7 @@ class RedisClient(Service):
             data = _encode(args)
         except Exception as e:  # an argument that can't be encoded: nothing was sent
             return defer.fail(e)
-        return self._send(data, 0, _unwrap, timeout)
+        return self._send(data, 0, self._unwrap, timeout)
 
     def transaction(
         self, commands: Sequence[Sequence[Any]], *, timeout: float | None = None
@@ -326,6 +397,39 @@ class RedisClient(Service):
             d.addTimeout(timeout, self._reactor)
             d.addCallbacks(unwrap, _timeout_to_redis)
         return d
+
+    def _unwrap_reply(self, reply: Any) -> Any:
+        if isinstance(reply, txredisapi.ResponseError):
+            exc = RedisReplyError(*reply.args)
+            why = refusal(exc)
+            if why is not None:
+                self.trouble(why)
+            raise exc
+        return _unwrap(reply)
+
+    # -- trouble reports -----------------------------------------------------
+
+    def trouble(self, reason: str) -> None:
+        """Redis is unreachable or refuses us: WARNING now if none was logged within
+        ``trouble_log_interval``, else counted and mentioned in the next one."""
+        now = self._reactor.seconds()
+        if self._trouble_next is not None and now < self._trouble_next:
+            self._trouble_quiet += 1
+            return
+        quiet, self._trouble_quiet = self._trouble_quiet, 0
+        self._trouble_next = now + self.trouble_log_interval
+        log.warn(
+            "Redis {where} ({name}) unreachable or refusing: {reason}"
+            + (" ({quiet} more failures since the last report)" if quiet else ""),
+            where=self._where,
+            name=self.name,
+            reason=reason,
+            quiet=quiet,
+        )
+
+    def _connect_failed(self, reason: str) -> None:
+        if self.running:
+            self.trouble(reason)
 
     def _sweep(self) -> None:
         q = self._inflight
@@ -397,6 +501,12 @@ class RedisClient(Service):
     def connected(self) -> bool:
         return bool(self._pool)
 
+    @property
+    def ever_connected(self) -> bool:
+        """Has a connection been up since ``startService``? (Before that, failures are
+        expected: callers that redo their work on connect need not count them.)"""
+        return self._ever_connected
+
     def redis_state(self) -> str:
         """Short reason for /readyz and logs."""
         if not self.running:
@@ -425,6 +535,8 @@ class RedisClient(Service):
         self._stopped = False
         self._ever_connected = False
         self._ping_error = None
+        self._trouble_next = None
+        self._trouble_quiet = 0
         self._factory = self._serving = self._start_factory()
         self._pool = self._serving.pool
         sweeper = self._sweeper = LoopingCall(self._sweep)
@@ -464,7 +576,7 @@ class RedisClient(Service):
             host, port = self.target.host, self.target.port
             assert host is not None and port is not None  # checked in __init__
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self.connect_timeout)
-        factory.startConnecting(endpoint)
+        factory.startConnecting(_WatchedEndpoint(endpoint, self._where, self._connect_failed))
         return factory
 
     def _retire(self, factory: _PoolFactory) -> None:
@@ -479,6 +591,8 @@ class RedisClient(Service):
         if up:
             self._ever_connected = True
             self._ping_error = None
+            self._trouble_next = None  # the next trouble is reported at once
+            self._trouble_quiet = 0
             log.info("Redis {where} connected", where=self._where)
             for made in list(self.connection_made_hooks):
                 try:
@@ -486,7 +600,9 @@ class RedisClient(Service):
                 except Exception:
                     log.failure("connection_made hook failed")
         else:
-            log.warn("Redis {where} connection lost: {reason}", where=self._where, reason=reason)
+            # closing our own connections at shutdown is expected: not a warning
+            emit = log.info if self._stopped else log.warn
+            emit("Redis {where} connection lost: {reason}", where=self._where, reason=reason)
             for lost in list(self.connection_lost_hooks):
                 try:
                     lost(reason)
@@ -516,13 +632,14 @@ class RedisClient(Service):
         delay = self._rebuild_delay
         self._rebuild_delay = min(delay * 2, self.rebuild_delay_max)
         self._gave_up_reason = reason
-        log.warn(
+        log.debug(
             "Redis client for {where} stopped reconnecting ({reason}); "
             "rebuilding the connection pool in {delay:.1f}s",
             where=self._where,
             reason=reason,
             delay=delay,
         )
+        self.trouble(reason)
         self._rebuild_call = self._reactor.callLater(delay, self._rebuild)
 
     def _rebuild(self) -> None:

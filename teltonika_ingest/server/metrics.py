@@ -2,11 +2,20 @@
 
 Each service gets its own ``CollectorRegistry`` (the default registry is process-global
 and would refuse a second service built in the same process, e.g. in tests).
+
+No ``*_created`` series: prometheus_client's ``disable_created_metrics()`` (process-wide, set
+when this module is imported) turns them off; they double the series count for nothing the
+alerts or the dashboard use.
 """
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from teltonika_ingest.buildinfo import build_info
+
+prometheus_client.disable_created_metrics()
 
 # Latency buckets sized for loopback Redis publishes (sub-millisecond) up to the
 # publish timeout (seconds).
@@ -51,6 +60,10 @@ FRAME_RESULTS = ("ok", "crc_fail", "malformed", "dead_lettered", "too_large", "u
 GC_GENERATIONS = ("0", "1", "2")
 CONNECTION_LIMITS = ("max_connections", "per_address")
 COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
+PUBLISH_FAILURE_REASONS = ("unavailable", "timeout", "overflow", "error")
+DEAD_LETTER_REASONS = ("unknown_codec", "malformed")
+UDP_RESULTS = ("ok", "duplicate", "malformed", "publish_failed")
+AVL_CODECS = ("8", "8E", "16")
 
 
 class Metrics:
@@ -59,6 +72,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry = registry if registry is not None else CollectorRegistry()
         ProcessCollector(registry=registry)  # process_resident_memory_bytes, open fds, CPU
+
+        self.build_info = Gauge(
+            "teltonika_build_info",
+            "Always 1; the labels say what runs: package version, Python, Twisted, and whether "
+            "the compiled decoder is on (on, off, not_built).",
+            ["version", "python", "twisted", "compiled"],
+            registry=registry,
+        )
+        self.build_info.labels(**build_info()).set(1)
 
         # --- connections
         self.connections_active = Gauge(
@@ -111,7 +133,7 @@ class Metrics:
         )
         self.records = Counter(
             "teltonika_records_total",
-            "AVL records published and ACKed, by codec.",
+            "AVL records published and ACKed, by codec (8, 8E, 16).",
             ["codec"],
             registry=registry,
         )
@@ -137,7 +159,7 @@ class Metrics:
         self.publish_failures = Counter(
             "teltonika_publish_failures_total",
             "Packets not published (not ACKed; the device resends), by reason "
-            "(unavailable, timeout, error).",
+            "(unavailable, timeout, overflow, error).",
             ["reason"],
             registry=registry,
         )
@@ -169,13 +191,13 @@ class Metrics:
         )
         self.dead_letters = Counter(
             "teltonika_dead_letters_total",
-            "Frames written to the dead-letter stream, by reason.",
+            "Frames written to the dead-letter stream, by reason (unknown_codec, malformed).",
             ["reason"],
             registry=registry,
         )
         self.redis_up = Gauge(
             "teltonika_redis_up",
-            "1 while the Redis connection is established, else 0.",
+            "1 while the service's main Redis connection is established, else 0.",
             registry=registry,
         )
 
@@ -199,7 +221,8 @@ class Metrics:
         # --- commands
         self.commands = Counter(
             "teltonika_commands_total",
-            "GPRS command outcomes and device messages, by status.",
+            "GPRS command outcomes by status (ok, nack, timeout, not_connected, invalid) and "
+            "device messages (message).",
             ["status"],
             registry=registry,
         )
@@ -266,3 +289,12 @@ class Metrics:
             self.gc_pause.labels(generation=generation)
         for limit in CONNECTION_LIMITS:
             self.connections_refused.labels(limit=limit)
+        for reason in PUBLISH_FAILURE_REASONS:
+            self.publish_failures.labels(reason=reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
+        for result in UDP_RESULTS:
+            self.udp_datagrams.labels(result=result)
+        for codec in AVL_CODECS:
+            self.records.labels(codec=codec)
+            self.frames.labels(codec=codec, result="ok")

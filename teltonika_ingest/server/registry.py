@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from teltonika_ingest.redis.client import RedisClient, Script
+from teltonika_ingest.redis.client import RedisClient, RedisUnavailable, Script
 from teltonika_ingest.server.metrics import Metrics
 
 log = Logger()
@@ -226,7 +226,17 @@ class Registry(Service):
         calls.append(d)
         return defer.gatherResults(calls, consumeErrors=True)
 
+    def _before_first_connection(self, what: str, failure: Any) -> bool:
+        """A write that failed because Redis has not answered yet since start-up is not a
+        failure: the service registers every held device and beats once Redis connects."""
+        if getattr(self.redis, "ever_connected", True) or not failure.check(RedisUnavailable):
+            return False
+        log.debug("{what} deferred until Redis first connects", what=what)
+        return True
+
     def _failed(self, failure: Any, what: str, imei: str) -> None:
+        if self._before_first_connection(f"registry {what} for {imei}", failure):
+            return
         self.metrics.registry_failures.inc()
         log.warn(
             "registry {what} failed for {imei}: {error}",
@@ -244,6 +254,8 @@ class Registry(Service):
         return d
 
     def _heartbeat_failed(self, failure: Any) -> None:
+        if self._before_first_connection("heartbeat", failure):
+            return
         self.metrics.heartbeat_failures.inc()
         log.warn(
             "heartbeat {key} failed: {error}",
@@ -303,6 +315,8 @@ class Registry(Service):
                 return removed
 
     def _sweep_failed(self, failure: Any) -> int:
+        if self._before_first_connection("janitor sweep", failure):
+            return 0
         self.metrics.registry_failures.inc()
         log.warn("registry janitor sweep failed: {error}", error=failure.getErrorMessage())
         return 0

