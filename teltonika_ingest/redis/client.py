@@ -44,9 +44,9 @@ import attrs
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet import error as net_error
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
-from twisted.internet import error as net_error
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
