@@ -23,7 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from teltonika_ingest.redis.client import RedisReplyError, RedisTimeout
+from teltonika_ingest.redis.client import RedisReplyError, RedisTimeout, RedisUnavailable
 
 __all__ = ["PROBE_KEY_PREFIX", "RedisWriteProbe"]
 
@@ -106,7 +106,12 @@ class RedisWriteProbe(Service):
             self._error = f"redis unavailable ({_short(failure.getErrorMessage())})"
         if self._error != self._last_logged:
             self._last_logged = self._error
-            log.warn("not ready: {reason}", reason=self._error)
+            # Before Redis first answers (start-up) this is expected, not an alarm; if Redis
+            # is really unreachable the client warns with the reason (RedisClient.trouble).
+            starting = isinstance(exc, RedisUnavailable) and not getattr(
+                self.redis, "ever_connected", True
+            )
+            (log.debug if starting else log.warn)("not ready: {reason}", reason=self._error)
 
     # ------------------------------------------------------------------ the cached answer
 
