@@ -312,6 +312,51 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "of seconds); 60 s covers a few retries while the memory per device stays tiny.",
     ),
     OptionSpec(
+        "device-message-budget",
+        "TELTONIKA_DEVICE_MESSAGE_BUDGET",
+        "60",
+        "count",
+        "device messages (Codec 13, answers with no command in flight) per device per "
+        "minute written to commands:results; further ones are counted and dropped; 0 = "
+        "unlimited",
+        why="a device sends Codec 13 messages now and then (a serial-link reading, a "
+        "driver message); one a second on average is plenty, while one device looping "
+        "(~6,500 a second were seen) cannot trim the other commands' outcomes out of the "
+        "capped stream or flood the log.",
+    ),
+    OptionSpec(
+        "dead-letter-budget",
+        "TELTONIKA_DEAD_LETTER_BUDGET",
+        "10",
+        "count",
+        "undecodable frames per device per minute written to the dead-letter stream; "
+        "beyond it the frame is not stored, not ACKed and the connection is closed (the "
+        "device resends it later); 0 = unlimited",
+        why="a dead letter is a firmware bug or a new codec worth a look, not a stream: ten a "
+        "minute keep the evidence while one device cannot fill Redis with up to ~98 KiB "
+        "a frame.",
+    ),
+    OptionSpec(
+        "dlq-max-bytes",
+        "TELTONIKA_DLQ_MAX_BYTES",
+        "268435456",
+        "count",
+        "approximate Redis memory bound of the dead-letter stream in bytes (its oldest "
+        "entries are trimmed beyond it, as by --stream-maxlen); 0 = entries only",
+        why="256 MiB: thousands of dead letters of the largest frames, while the entry cap "
+        "(--stream-maxlen) alone would allow ~98 GB of them.",
+    ),
+    OptionSpec(
+        "results-max-bytes",
+        "TELTONIKA_RESULTS_MAX_BYTES",
+        "67108864",
+        "count",
+        "approximate Redis memory bound of commands:results in bytes (oldest outcomes "
+        "trimmed beyond it, besides its 100,000-entry cap); 0 = entries only",
+        why="64 MiB holds the 100,000 outcomes of ordinary commands (~300 bytes each) with "
+        "room to spare, and bounds a stream of large device answers.",
+    ),
+    OptionSpec(
         "command-timeout",
         "TELTONIKA_COMMAND_TIMEOUT",
         "30",
@@ -914,6 +959,10 @@ class Config:
     publish_timeout: float = _DEFAULTS["publish-timeout"]
     max_inflight: int = _DEFAULTS["max-inflight"]
     udp_dedup_window: float = _DEFAULTS["udp-dedup-window"]  # 0: no deduplication
+    device_message_budget: int = _DEFAULTS["device-message-budget"]  # 0: unlimited
+    dead_letter_budget: int = _DEFAULTS["dead-letter-budget"]  # 0: unlimited
+    dlq_max_bytes: int = _DEFAULTS["dlq-max-bytes"]  # 0: entries only
+    results_max_bytes: int = _DEFAULTS["results-max-bytes"]  # 0: entries only
     command_timeout: float = _DEFAULTS["command-timeout"]
     max_command_length: int = _DEFAULTS["max-command-length"]
     janitor_interval: float = _DEFAULTS["janitor-interval"]

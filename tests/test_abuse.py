@@ -23,7 +23,7 @@ from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import check_server_endpoint, with_backlog
 from teltonika_ingest.server.budget import DeviceBudget, RepeatLimiter
 
-from device import connect_device, deferLater
+from device import connect_device, deferLater, wait_for
 from redisproc import RedisProcess
 from support import HANDSHAKE, Harness, avl_frame
 from test_faults import ServiceProcess
@@ -418,3 +418,228 @@ async def wait_closed(dev: Any, seconds: float) -> None:
         await d
     except defer.TimeoutError:
         raise AssertionError(f"connection not closed within {seconds} s") from None
+
+
+# --------------------------------------------------------------------------- per-device budgets
+
+
+def test_invalid_entry_echoes_are_cut_short() -> None:
+    from teltonika_ingest.server.commands.entries import (
+        ECHO_IMEI_LENGTH,
+        MAX_ID_LENGTH,
+        InvalidCommand,
+        parse_entry,
+    )
+
+    huge = "i" * 1_000_000
+    for fields, message in [
+        (["id", huge, "imei", "356307042441013", "text", "getver"], "'id' is 1000000 characters"),
+        (["id", "c", "imei", "7" * 1_000_000, "text", "getver"], "'imei' must be 15"),
+        (["id", huge, "imei", huge], "'id' is 1000000 characters"),
+    ]:
+        with pytest.raises(InvalidCommand) as e:
+            parse_entry(fields, max_length=512, default_timeout=30)
+        assert message in str(e.value)
+        assert len(e.value.id) <= MAX_ID_LENGTH
+        assert len(e.value.imei) <= ECHO_IMEI_LENGTH
+        assert len(str(e.value)) < 200
+
+
+def codec13(n: int) -> bytes:
+    from teltonika_ingest.codec import CommandMessage, encode_command_message
+
+    text = f"flood message {n:06d} ".encode() * 4
+    return encode_command_message(CommandMessage("13", 0x05, text, timestamp_ms=1_700_000_000_000))
+
+
+def results(redis: RedisProcess) -> list[dict[str, str]]:
+    out = []
+    for _id, flat in redis.cmd("XRANGE", "commands:results", "-", "+"):
+        items = [v if isinstance(v, str) else repr(v) for v in flat]
+        out.append(dict(zip(items[0::2], items[1::2], strict=True)))
+    return out
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_codec13_flood_leaves_other_outcomes_in_results(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """One device sends 3,000 Codec 13 messages at once. With its budget (20 a minute) only
+    20 reach commands:results; the others are counted and dropped, so the outcome of
+    another device's command stays in the stream (bounded here to 64 KiB, which the flood
+    alone would overrun ~10 times) and that device's next command still works."""
+    from twisted.internet import endpoints, protocol
+
+    from test_hostile import CommandDevice
+
+    budget, flood = 20, 3000
+    svc = ServiceProcess(
+        redis_proc, tmp_path, "abuse",
+        "--device-message-budget", str(budget), "--results-max-bytes", "65536",
+        "--idle-timeout", "60",
+    ).start()  # fmt: skip
+    try:
+        await svc.ready()
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", svc.device_port)
+        victim: CommandDevice = await endpoint.connect(protocol.Factory.forProtocol(CommandDevice))
+        victim_imei = "352093081452251"
+        victim.send(encode_imei(victim_imei))
+        assert await victim.expect(1) == b"\x01"
+        serving = defer.ensureDeferred(victim.serve())
+        await wait_for(lambda: redis_proc.cmd("HGET", "connections:registry", victim_imei))
+        key = "commands:instance:abuse"
+        redis_proc.cmd("XADD", key, "*", "id", "before", "imei", victim_imei, "text", "getver")
+        await wait_for(lambda: any(r["id"] == "before" for r in results(redis_proc)), 10)
+
+        flooder = await connect_device(svc.device_port)
+        flooder.send(HANDSHAKE)
+        assert await flooder.expect(1) == b"\x01"
+        flooder.send(b"".join(codec13(n) for n in range(flood)))
+
+        async def all_seen() -> bool:
+            m = await svc.metrics()
+            written = m.get(("teltonika_commands_total", frozenset({("status", "message")})), 0)
+            dropped = m.get(
+                ("teltonika_budget_exceeded_total", frozenset({("budget", "device_messages")})), 0
+            )
+            return written + dropped >= flood
+
+        await wait_for(all_seen, timeout=20)
+        redis_proc.cmd("XADD", key, "*", "id", "after", "imei", victim_imei, "text", "getver")
+        await wait_for(lambda: any(r["id"] == "after" for r in results(redis_proc)), 10)
+        got = results(redis_proc)
+        by_id = {r["id"]: r for r in got}
+        assert by_id["before"]["status"] == "ok", "the flood trimmed another command's outcome"
+        assert by_id["after"]["status"] == "ok"
+        messages = [r for r in got if r["status"] == "message"]
+        assert len(messages) == budget
+        assert all(r["imei"] == "356307042441013" for r in messages)
+        dropped = await svc.sample("teltonika_budget_exceeded_total", budget="device_messages")
+        assert dropped == flood - budget
+        assert not flooder.closed.called  # dropped, not disconnected: its telemetry goes on
+        flooder.send(avl_frame(1))
+        assert await flooder.expect(4) == struct.pack(">I", 1)
+        # the log says so a few times, then how many lines it suppressed (not 2,980 lines)
+        warned = svc.log_path.read_text().count("over its device_messages budget")
+        assert 1 <= warned <= 5, warned
+        victim.transport.loseConnection()
+        flooder.transport.loseConnection()
+        await serving
+        await svc.assert_no_errors()
+    finally:
+        svc.kill()
+
+
+def junk_frame(n: int, size: int = 50_000) -> bytes:
+    """A CRC-valid frame of an unknown codec id: dead-lettered whole, then ACKed with 1."""
+    from test_hostile import crc_valid_frame
+
+    return crc_valid_frame(b"\x42\x01" + n.to_bytes(4, "big") + b"\xaa" * size + b"\x01")
+
+
+async def junk_rounds(port: int, attempts: int) -> tuple[int, int]:
+    """A device sending ``attempts`` junk frames one at a time, reconnecting when closed;
+    returns (ACKs received, connections closed by the service)."""
+    acks = closes = 0
+    dev = None
+    for n in range(attempts):
+        if dev is None or dev.closed.called:
+            dev = await connect_device(port)
+            dev.send(HANDSHAKE)
+            assert await dev.expect(1) == b"\x01"
+        dev.send(junk_frame(n))
+        try:
+            reply = await dev.expect(4, timeout=5)
+        except Exception:
+            await wait_closed(dev, 5.0)  # not ACKed: the service closed it (or the test fails)
+            closes += 1
+            continue
+        assert reply == struct.pack(">I", 1)
+        acks += 1
+    if dev is not None and not dev.closed.called:
+        dev.transport.loseConnection()
+    return acks, closes
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_dead_letter_flood_stops_at_the_budget(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """One device sends 30 CRC-valid undecodable 50 KB frames. Only its budget (5 a minute)
+    reaches the dead-letter stream, each ACKed; every later one is neither stored nor ACKed
+    (its connection is closed, it reconnects and tries again)."""
+    budget, attempts = 5, 30
+    svc = ServiceProcess(redis_proc, tmp_path, "abuse", "--dead-letter-budget", str(budget)).start()
+    try:
+        await svc.ready()
+        acks, closes = await junk_rounds(svc.device_port, attempts)
+        assert redis_proc.cmd("XLEN", "telemetry:teltonika:dlq") == budget
+        assert (acks, closes) == (budget, attempts - budget)
+        exceeded = await svc.sample("teltonika_budget_exceeded_total", budget="dead_letters")
+        assert exceeded == attempts - budget
+        assert await svc.sample("teltonika_disconnects_total", reason="dead_letter_budget") == (
+            attempts - budget
+        )
+        # another device is not affected
+        dev = await connect_device(svc.device_port)
+        dev.send(encode_imei("352093081452251"))
+        assert await dev.expect(1) == b"\x01"
+        dev.send(avl_frame(1))
+        assert await dev.expect(4) == struct.pack(">I", 1)
+        dev.transport.loseConnection()
+        await svc.assert_no_errors()
+    finally:
+        svc.kill()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_dead_letter_stream_bounded_by_bytes(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """No budget, a 400 KB byte bound: 20 dead letters of 50 KB (~67 KB of Redis memory each)
+    are all ACKed, and the stream keeps only the newest that fit."""
+    bound = 400_000
+    svc = ServiceProcess(
+        redis_proc, tmp_path, "abuse", "--dead-letter-budget", "0", "--dlq-max-bytes", str(bound)
+    ).start()
+    try:
+        await svc.ready()
+        acks, closes = await junk_rounds(svc.device_port, 20)
+        assert (acks, closes) == (20, 0)
+        dlq = "telemetry:teltonika:dlq"
+        used = redis_proc.cmd("MEMORY", "USAGE", dlq)
+        length = redis_proc.cmd("XLEN", dlq)
+        assert used <= bound, (used, length)
+        assert 1 <= length < 20
+        newest = redis_proc.cmd("XREVRANGE", dlq, "+", "-", "COUNT", "1")[0][1]
+        fields = dict(zip(newest[0::2], newest[1::2], strict=True))
+        import base64
+
+        assert base64.b64decode(fields["raw_b64"]) == junk_frame(19)
+        await svc.assert_no_errors()
+    finally:
+        svc.kill()
+
+
+def test_suppressed_warnings_are_reported() -> None:
+    from twisted.logger import globalLogPublisher
+
+    from teltonika_ingest.server.tap import report_suppressed
+
+    clock = _Clock()
+    limiter = RepeatLimiter(clock, burst=1)
+    for _ in range(4):
+        limiter.allow(("bad_frame", "356307042441013"))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        report_suppressed([limiter])
+        report_suppressed([limiter])  # nothing new: no line
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if "repeated warnings suppressed" in e.get("log_format", "")]
+    assert len(lines) == 1 and lines[0]["total"] == 3
+    assert "356307042441013 x3" in lines[0]["top"]

@@ -80,7 +80,7 @@ class FakeWriter:
 
 
 def fields_of(args: list[Any]) -> dict[str, str]:
-    flat = [str(a) for a in args[3:]]
+    flat = [str(a) for a in args[4:]]  # after MAXLEN, group, entry id, max bytes
     return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 

@@ -305,7 +305,7 @@ async def test_outcome_script_never_records_twice(
     redis_proc.cmd("XGROUP", "CREATE", "commands:instance:other", GROUP, "0", "MKSTREAM")
     entry = _text(redis_proc.cmd("XADD", "commands:instance:other", "*", "id", "x"))
     redis_proc.cmd("XREADGROUP", "GROUP", GROUP, "other", "STREAMS", "commands:instance:other", ">")
-    args = [100_000, GROUP, entry, "id", "x", "status", "ok"]
+    args = [100_000, GROUP, entry, 0, "id", "x", "status", "ok"]
     keys = [RESULTS_KEY, "commands:instance:other"]
     first = await service.svc.redis.run_script(RECORD_OUTCOME, keys, args)
     second = await service.svc.redis.run_script(RECORD_OUTCOME, keys, args)

@@ -12,7 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from teltonika_ingest.codec import AvlPacket
 from teltonika_ingest.redis.client import RedisTimeout, RedisUnavailable
 from teltonika_ingest.server.metrics import Metrics
-from teltonika_ingest.server.publisher import PUBLISH_SCRIPT, Publisher, PublishOverflow
+from teltonika_ingest.server.publisher import (
+    DEAD_LETTER_SCRIPT,
+    PUBLISH_SCRIPT,
+    Publisher,
+    PublishOverflow,
+)
 from teltonika_ingest.server.tap import raise_open_files_limit
 
 from support import make_record
@@ -175,9 +180,11 @@ class PublisherTests(SynchronousTestCase):
 
     def test_dead_letter_fields(self) -> None:
         self.publisher.dead_letter("356307042441013", "8E", "malformed: x", b"\x00\x01", 0)
-        (cmd,) = self.redis.commands
-        self.assertEqual(cmd[:6], ("XADD", "telemetry:teltonika:dlq", "MAXLEN", "~", "1000", "*"))
-        fields = dict(zip(cmd[6::2], cmd[7::2], strict=True))
+        ((script, keys, args, _d),) = self.redis.scripts
+        self.assertIs(script, DEAD_LETTER_SCRIPT)
+        self.assertEqual(keys, ["telemetry:teltonika:dlq"])
+        self.assertEqual(args[:2], ["1000", 0])  # MAXLEN ~ 1000, no byte bound
+        fields = dict(zip(args[2::2], args[3::2], strict=True))
         self.assertEqual(
             fields,
             {

@@ -59,10 +59,11 @@ HANDSHAKE_RESULTS = ("accepted", "rejected", "malformed", "timeout")
 FRAME_RESULTS = ("ok", "crc_fail", "malformed", "dead_lettered", "too_large", "unknown_codec")
 GC_GENERATIONS = ("0", "1", "2")
 CONNECTION_LIMITS = ("max_connections", "per_address")
+BUDGETS = ("device_messages", "dead_letters")
 COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
 PUBLISH_FAILURE_REASONS = ("unavailable", "timeout", "overflow", "error")
 DEAD_LETTER_REASONS = ("unknown_codec", "malformed")
-UDP_RESULTS = ("ok", "duplicate", "malformed", "publish_failed")
+UDP_RESULTS = ("ok", "duplicate", "malformed", "rejected", "publish_failed")
 AVL_CODECS = ("8", "8E", "16")
 
 
@@ -189,6 +190,13 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
+        self.budget_exceeded = Counter(
+            "teltonika_budget_exceeded_total",
+            "Events beyond a device's per-minute budget, by budget (device_messages: dropped; "
+            "dead_letters: not stored, not ACKed, connection closed).",
+            ["budget"],
+            registry=registry,
+        )
         self.dead_letters = Counter(
             "teltonika_dead_letters_total",
             "Frames written to the dead-letter stream, by reason (unknown_codec, malformed).",
@@ -298,3 +306,5 @@ class Metrics:
         for codec in AVL_CODECS:
             self.records.labels(codec=codec)
             self.frames.labels(codec=codec, result="ok")
+        for budget in BUDGETS:
+            self.budget_exceeded.labels(budget=budget)

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
-from teltonika_ingest.server.budget import RepeatLimiter, suppressed_note
+from teltonika_ingest.server.budget import DeviceBudget, RepeatLimiter, suppressed_note
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.session import (
     Accepted,
@@ -63,6 +63,10 @@ class SessionSettings:
     frame_timeout: float = 0.0
     #: most connections from one source address; 0 = unlimited
     max_connections_per_address: int = 0
+    #: device messages (Codec 13, unsolicited answers) per device per minute; 0 = unlimited
+    device_message_budget: int = 0
+    #: dead letters per device per minute; 0 = unlimited
+    dead_letter_budget: int = 0
 
 
 #: actions that mean a frame (or keep-alive) was read whole: the frame deadline restarts
@@ -415,6 +419,18 @@ class TeltonikaProtocol(Protocol):
         factory = self.factory
         metrics = factory.metrics
         error = action.error
+        if not factory.dead_letter_budget.spend(self.imei):
+            # Over budget: not stored, so not ACKed either; close, and the device resends it
+            # later (stored then, if its budget allows). A device whose frames we cannot
+            # decode cannot fill the dead-letter stream (~98 KiB of Redis memory a frame).
+            factory.budget_exceeded("dead_letters", self)
+            self._guarded(
+                self._session().close,
+                "dead_letter_budget",
+                f"over --dead-letter-budget {factory.settings.dead_letter_budget} a minute; "
+                "not stored, not ACKed",
+            )
+            return
         if action.reason == "unknown_codec":
             metrics.unknown_codec.inc()
             metrics.frames.labels(codec=action.codec, result="unknown_codec").inc()
@@ -467,15 +483,27 @@ class TeltonikaProtocol(Protocol):
 
     def _device_message(self, action: DeviceMessage) -> None:
         message = action.message
+        factory = self.factory
+        if not factory.message_budget.spend(self.imei):
+            # Over budget: counted and dropped (the device expects no reply); the connection
+            # and its telemetry go on. One device cannot trim the other commands' outcomes
+            # out of commands:results.
+            factory.budget_exceeded("device_messages", self)
+            return
         if action.unsolicited:
-            log.warn(
-                "Codec {codec} type {type} from {imei} with no command in flight: {text!r}",
-                codec=message.codec,
-                type=message.type,
-                imei=self.imei,
-                text=message.text[:200],
-            )
-        self.factory.command_sink_message(self.imei or "", message, action.unsolicited)
+            logged, suppressed = factory.log_limit.allow(("unsolicited", self._log_key()))
+            if logged:
+                log.warn(
+                    "Codec {codec} type {type} from {imei} with no command in flight: {text!r}"
+                    "{suppressed_note}",
+                    codec=message.codec,
+                    type=message.type,
+                    imei=self.imei,
+                    text=message.text[:200],
+                    suppressed=suppressed,
+                    suppressed_note=suppressed_note(suppressed),
+                )
+        factory.command_sink_message(self.imei or "", message, action.unsolicited)
 
     # ------------------------------------------------------------------ closing
 
@@ -589,6 +617,9 @@ class TeltonikaFactory(Factory):
         self._per_host: dict[str, int] = {}
         #: repeated warnings (per event and device or peer) are rate-limited
         self.log_limit = RepeatLimiter(clock)
+        #: per-device budgets (per minute): device messages, dead letters
+        self.message_budget = DeviceBudget(clock, self.settings.device_message_budget)
+        self.dead_letter_budget = DeviceBudget(clock, self.settings.dead_letter_budget)
         self._empty_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress) -> TeltonikaProtocol | None:  # type: ignore[override]
@@ -630,6 +661,30 @@ class TeltonikaFactory(Factory):
                 count=count,
                 option=option,
                 limit=limit,
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
+
+    def budget_exceeded(self, budget: str, proto: TeltonikaProtocol) -> None:
+        """A device went over a per-minute budget (``budget``: device_messages,
+        dead_letters): count it; log it a few times a minute per device at most."""
+        self.metrics.budget_exceeded.labels(budget=budget).inc()
+        logged, suppressed = self.log_limit.allow(("budget", budget, proto.imei))
+        if logged:
+            option = (
+                "--device-message-budget"
+                if budget == "device_messages"
+                else ("--dead-letter-budget")
+            )
+            log.warn(
+                "{imei} ({peer}) is over its {budget} budget ({option}); {what}{suppressed_note}",
+                imei=proto.imei,
+                peer=proto.peer,
+                budget=budget,
+                option=option,
+                what="message dropped"
+                if budget == "device_messages"
+                else "frame not stored, connection closed",
                 suppressed=suppressed,
                 suppressed_note=suppressed_note(suppressed),
             )

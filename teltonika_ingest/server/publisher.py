@@ -33,6 +33,7 @@ from teltonika_ingest.redis.client import (
     RedisUnavailable,
     Script,
 )
+from teltonika_ingest.redis.trim import TRIM_TO_BYTES
 from teltonika_ingest.server.metrics import Metrics
 
 log = Logger()
@@ -70,6 +71,23 @@ while i <= last do
   total = total + n
 end
 return total
+"""
+)
+
+
+# KEYS[1] dead-letter stream; ARGV[1] maxlen ("0" = no trimming by entries), ARGV[2] most
+# bytes ("0" = no byte bound), ARGV[3..] the entry's field/value pairs. Returns the entry id.
+DEAD_LETTER_SCRIPT = Script(
+    TRIM_TO_BYTES
+    + """
+local id
+if ARGV[1] == '0' then
+  id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+end
+trim_to_bytes(KEYS[1], ARGV[2])
+return id
 """
 )
 
@@ -122,11 +140,14 @@ class Publisher:
         instance_id: str,
         batch_max_records: int = BATCH_MAX_RECORDS,
         batch_max_bytes: int = BATCH_MAX_BYTES,
+        dlq_max_bytes: int = 0,
     ) -> None:
         self.redis = redis
         self.stream = stream
         self._keys = [stream]
         self.dlq_stream = stream + ":dlq"
+        #: the dead-letter stream's byte bound (0: entries only)
+        self.dlq_max_bytes = dlq_max_bytes
         self.maxlen = maxlen
         self._maxlen_arg = str(maxlen)
         self.max_inflight = max_inflight
@@ -308,16 +329,15 @@ class Publisher:
     def dead_letter(
         self, imei: str, codec: str, reason: str, raw: bytes, received_ms: int
     ) -> defer.Deferred[Any]:
-        """XADD the whole undecodable frame to ``<stream>:dlq`` (contract.md §2)."""
+        """XADD the whole undecodable frame to ``<stream>:dlq`` (contract.md §2), trimmed to
+        ``--stream-maxlen`` entries and ``dlq_max_bytes`` bytes."""
         if self.inflight >= self.max_inflight:
             self.metrics.publish_overflow.inc()
             self.metrics.publish_failures.labels(reason="overflow").inc()
             return defer.fail(PublishOverflow(f"{self.inflight} publishes in flight"))
-        args: list[Any] = ["XADD", self.dlq_stream]
-        if self.maxlen:
-            args += ["MAXLEN", "~", self._maxlen_arg]
-        args += [
-            "*",
+        args: list[Any] = [
+            self._maxlen_arg,
+            self.dlq_max_bytes,
             "imei",
             imei,
             "codec",
@@ -331,7 +351,7 @@ class Publisher:
             "instance_id",
             self.instance_id,
         ]
-        return self._track(self.redis.execute(*args))
+        return self._track(self.redis.run_script(DEAD_LETTER_SCRIPT, [self.dlq_stream], args))
 
     # ------------------------------------------------------------------ in-flight accounting
 

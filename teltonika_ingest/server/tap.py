@@ -28,6 +28,7 @@ from teltonika_ingest.redis.client import RedisClient
 from teltonika_ingest.redis.embedded import EmbeddedRedisError
 from teltonika_ingest.server import startup
 from teltonika_ingest.server.authority import build_authority, install_sighup
+from teltonika_ingest.server.budget import WINDOW_S, RepeatLimiter
 from teltonika_ingest.server.commands.router import CommandRouter
 from teltonika_ingest.server.http import operations_site
 from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
@@ -202,6 +203,7 @@ class IngestService(service.MultiService):
             metrics=self.metrics,
             clock=reactor,
             instance_id=config.instance_id,
+            dlq_max_bytes=config.dlq_max_bytes,
         )
         self.factory = TeltonikaFactory(
             publisher=self.publisher,
@@ -216,6 +218,8 @@ class IngestService(service.MultiService):
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 max_connections_per_address=config.max_connections_per_address,
+                device_message_budget=config.device_message_budget,
+                dead_letter_budget=config.dead_letter_budget,
             ),
             authority=self.authority,
         )
@@ -247,6 +251,7 @@ class IngestService(service.MultiService):
             reactor=reactor,
             default_timeout=config.command_timeout,
             max_command_length=config.max_command_length,
+            results_max_bytes=config.results_max_bytes,
         )
         self.commands.setServiceParent(self)
 
@@ -280,6 +285,14 @@ class IngestService(service.MultiService):
         self.http._raiseSynchronously = True
         self.http.setName("http")
         self.http.setServiceParent(self)
+
+        # --- once a minute, how many repeated warnings the rate limits held back
+        limiters = [self.factory.log_limit]
+        if self.udp is not None:
+            limiters.append(self.udp.log_limit)
+        self.suppressed_report = internet.TimerService(WINDOW_S, report_suppressed, limiters)
+        self.suppressed_report.setName("suppressed-report")
+        self.suppressed_report.setServiceParent(self)
 
         self.redis.connection_made_hooks.append(self._redis_connected)
         self.redis.connection_lost_hooks.append(self._redis_lost)
@@ -470,6 +483,8 @@ class IngestService(service.MultiService):
             await self.embedded.stopService()
         self.reactor_lag.stopService()
         self.gc_pauses.stopService()
+        await self.suppressed_report.stopService()
+        report_suppressed([self.factory.log_limit] + ([self.udp.log_limit] if self.udp else []))
         if watchdog.active():
             watchdog.cancel()
         log.info("shutdown complete")
@@ -487,6 +502,26 @@ class IngestService(service.MultiService):
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(1)
+
+
+def report_suppressed(limiters: list[RepeatLimiter]) -> None:
+    """One line for the warnings held back by the rate limits since the last report, so that
+    a flood that stopped still shows how big it was."""
+    counts: dict[Any, int] = {}
+    for limiter in limiters:
+        counts.update(limiter.take_suppressed())
+    if not counts:
+        return
+    top = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:3]
+    log.warn(
+        "{total} repeated warnings suppressed in the last minute, from {keys} devices or "
+        "peers; most: {top}",
+        total=sum(counts.values()),
+        keys=len({k[-1] if isinstance(k, tuple) else k for k in counts}),
+        top=", ".join(
+            f"{'/'.join(map(str, k)) if isinstance(k, tuple) else k} x{n}" for k, n in top
+        ),
+    )
 
 
 def tune_garbage_collector() -> None:

@@ -45,7 +45,7 @@ class UdpListener(DatagramProtocol):
         self.publisher = publisher
         self.authority = authority
         # one warning per peer and minute at most for malformed or refused datagrams
-        self._log_limit = RepeatLimiter(clock)
+        self.log_limit = RepeatLimiter(clock)
         self.metrics = metrics
         self.clock = clock
         self.dedup_window = dedup_window
@@ -70,7 +70,7 @@ class UdpListener(DatagramProtocol):
         except CodecError as e:
             metrics.udp_datagrams.labels(result="malformed").inc()
             peer = f"{addr[0]}:{addr[1]}"
-            logged, suppressed = self._log_limit.allow(("malformed", addr[0]))
+            logged, suppressed = self.log_limit.allow(("malformed", addr[0]))
             if logged:
                 log.warn(
                     "malformed UDP datagram from {peer}: {error}{suppressed_note}",
@@ -133,7 +133,7 @@ class UdpListener(DatagramProtocol):
     def _refused(self, pkt: UdpPacket, addr: Any, marker: Any, why: str) -> None:
         self._in_progress.discard(marker)
         self.metrics.udp_datagrams.labels(result="rejected").inc()
-        logged, suppressed = self._log_limit.allow(("rejected", pkt.imei))
+        logged, suppressed = self.log_limit.allow(("rejected", pkt.imei))
         if logged:
             log.warn(
                 "UDP packet of {imei} from {peer} refused ({why}): not ACKed, not stored"

@@ -15,7 +15,9 @@ from typing import Any
 import attrs
 
 __all__ = [
+    "ECHO_IMEI_LENGTH",
     "GROUP",
+    "MAX_ID_LENGTH",
     "MAX_TIMEOUT_S",
     "RESULTS_KEY",
     "RESULTS_MAXLEN",
@@ -34,6 +36,10 @@ RESULTS_MAXLEN = 100_000
 STREAM_PREFIX = "commands:instance:"
 #: the largest ``timeout_s`` an entry may ask for
 MAX_TIMEOUT_S = 3600.0
+#: the longest command ``id`` (a longer one is invalid): it is echoed in every outcome
+MAX_ID_LENGTH = 128
+#: an invalid entry's ``imei`` is echoed cut to this many characters
+ECHO_IMEI_LENGTH = 32
 STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
 
 
@@ -118,8 +124,10 @@ def parse_entry(
     cid = _text(raw_id) if raw_id is not None else None
     raw_imei = values.get("imei")
     imei = _text(raw_imei) if raw_imei is not None else None
-    shown_id = cid or ""
-    shown_imei = imei or ""
+    # what an invalid outcome echoes back, cut short: an entry with a 1 MB id or imei must
+    # not produce a 1 MB result
+    shown_id = (cid or "")[:MAX_ID_LENGTH]
+    shown_imei = (imei or "")[:ECHO_IMEI_LENGTH]
 
     def invalid(reason: str) -> InvalidCommand:
         return InvalidCommand(reason, id=shown_id, imei=shown_imei)
@@ -129,6 +137,10 @@ def parse_entry(
     if not cid:
         raise invalid(
             "missing field 'id'" if raw_id is None else "field 'id' is empty or not UTF-8"
+        )
+    if len(cid) > MAX_ID_LENGTH:
+        raise invalid(
+            f"'id' is {len(cid)} characters, longer than {MAX_ID_LENGTH} (echoed cut short)"
         )
     if imei is None:
         raise invalid("missing field 'imei'")

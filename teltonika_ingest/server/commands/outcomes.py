@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from teltonika_ingest.codec import CommandMessage, format_timestamp
 from teltonika_ingest.redis.client import Script
+from teltonika_ingest.redis.trim import TRIM_TO_BYTES
 from teltonika_ingest.server.commands.entries import GROUP, RESULTS_KEY, RESULTS_MAXLEN
 from teltonika_ingest.server.metrics import Metrics
 
@@ -37,12 +38,14 @@ log = Logger()
 
 # KEYS[1] results stream, KEYS[2] command stream.
 # ARGV[1] results MAXLEN (~), ARGV[2] group, ARGV[3] command entry id ('' for device
-# messages), ARGV[4..] the outcome's field/value pairs.
+# messages), ARGV[4] most bytes of the results stream ('0': no byte bound), ARGV[5..] the
+# outcome's field/value pairs.
 # Returns the new results entry id, or 0 when the entry is no longer pending in the group
 # (its outcome was already recorded: this is a retry of a write whose reply was lost).
 # If the group or the stream is gone (XPENDING fails), the outcome is written anyway.
 RECORD_OUTCOME = Script(
-    """
+    TRIM_TO_BYTES
+    + """
 local entry = ARGV[3]
 if entry ~= '' then
   local pending = redis.pcall('XPENDING', KEYS[2], ARGV[2], entry, entry, 1)
@@ -50,10 +53,11 @@ if entry ~= '' then
     return 0
   end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 5))
 if entry ~= '' then
   redis.pcall('XACK', KEYS[2], ARGV[2], entry)
 end
+trim_to_bytes(KEYS[1], ARGV[4])
 return id
 """
 )
@@ -102,6 +106,7 @@ class OutcomeWriter:
         metrics: Metrics,
         results_key: str = RESULTS_KEY,
         results_maxlen: int = RESULTS_MAXLEN,
+        results_max_bytes: int = 0,
         max_messages_unwritten: int = 10_000,
         on_written: Callable[[Outcome], None] | None = None,
     ) -> None:
@@ -112,6 +117,8 @@ class OutcomeWriter:
         self.metrics = metrics
         self.results_key = results_key
         self.results_maxlen = results_maxlen
+        #: the results stream's byte bound (0: entries only)
+        self.results_max_bytes = results_max_bytes
         self.max_messages_unwritten = max_messages_unwritten
         self.on_written = on_written
         #: key -> outcome not yet written (commands by entry id, messages by "msg:N")
@@ -247,7 +254,13 @@ class OutcomeWriter:
             d = self.writer.run_script(
                 RECORD_OUTCOME,
                 [self.results_key, self.stream_key],
-                [self.results_maxlen, GROUP, outcome.entry_id, *outcome.fields],
+                [
+                    self.results_maxlen,
+                    GROUP,
+                    outcome.entry_id,
+                    self.results_max_bytes,
+                    *outcome.fields,
+                ],
             )
         except Exception:
             d = defer.fail(Failure())

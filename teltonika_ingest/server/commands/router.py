@@ -124,6 +124,7 @@ class CommandRouter(Service):
         block_seconds: float = 2.0,
         batch_size: int = 100,
         results_maxlen: int = RESULTS_MAXLEN,
+        results_max_bytes: int = 0,
         max_held: int = 10_000,
         max_messages_unwritten: int = 10_000,
     ) -> None:
@@ -164,6 +165,7 @@ class CommandRouter(Service):
             stream_key=self.stream_key,
             metrics=self.metrics,
             results_maxlen=results_maxlen,
+            results_max_bytes=results_max_bytes,
             max_messages_unwritten=max_messages_unwritten,
             on_written=self._outcome_written,
         )
