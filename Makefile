@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	touch $(STAMP)
 
+# The whole local pipeline: the ingest (with the embedded Redis) and the processor (with the
+# embedded PostgreSQL) sharing that Redis. Ctrl-C stops both (each drains first).
+# ARGS go to the ingest, PROCESSOR_ARGS to the processor; set REDIS_URL to use another Redis.
+PROCESSOR_ARGS ?=
 run: $(STAMP)
-	$(BIN)/twistd -n teltonika-ingest $(ARGS)
+	mkdir -p var
+	$(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
+	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(PROCESSOR_ARGS) & processor=$$!; \
+	trap 'kill -TERM $$processor 2>/dev/null; wait $$processor' EXIT; \
+	$(BIN)/twistd -n --pidfile=var/ingest.pid teltonika-ingest $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

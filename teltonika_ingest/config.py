@@ -49,9 +49,14 @@ __all__ = [
     "FRAME_OVERHEAD",
     "OPTIONS",
     "OPTIONS_BY_NAME",
+    "PROCESSOR_OPTIONS",
+    "PROCESSOR_TABLE",
     "Config",
     "OptionSpec",
+    "OptionTable",
     "Options",
+    "ProcessorConfig",
+    "ProcessorOptions",
     "RedisTarget",
     "check_server_endpoint",
     "render_reference",
@@ -465,6 +470,189 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
 
 OPTIONS_BY_NAME: Final[Mapping[str, OptionSpec]] = {spec.name: spec for spec in OPTIONS}
 
+PROCESSOR_SECTION: Final = "teltonika-processor"
+PROCESSOR_CONFIG_FILE: Final = "processor.conf"
+
+# The processor's table (contract.md section 9): same kinds, same layers, its own file.
+PROCESSOR_OPTIONS: Final[tuple[OptionSpec, ...]] = (
+    OptionSpec(
+        "redis-url",
+        "REDIS_URL",
+        "",
+        "redis-url",
+        "the Redis the ingest publishes to: redis://[:password@]host[:port][/db] or "
+        "unix:///path/to/socket[?db=N&password=P]; empty = start an embedded redis-server "
+        "(development only)",
+    ),
+    OptionSpec(
+        "database-url",
+        "DATABASE_URL",
+        "",
+        "database-url",
+        "PostgreSQL: postgresql://user[:password]@host[:port]/db or "
+        "postgresql:///db?host=/socket/dir; empty = start an embedded PostgreSQL "
+        "(development only)",
+    ),
+    OptionSpec(
+        "stream",
+        "REDIS_TELEMETRY_STREAM",
+        "telemetry:teltonika",
+        "key",
+        "the telemetry stream consumed (dead letters go to this key + ':processor:dlq')",
+    ),
+    OptionSpec(
+        "group",
+        "PROCESSOR_GROUP",
+        "teltonika-processor",
+        "key",
+        "consumer group (created at the start of the stream on first start)",
+    ),
+    OptionSpec(
+        "consumer",
+        "PROCESSOR_CONSUMER",
+        "",
+        "instance-id",
+        "this instance's consumer name in the group; empty = the host name",
+    ),
+    OptionSpec(
+        "metrics",
+        "PROCESSOR_METRICS",
+        "tcp:9092:interface=127.0.0.1",
+        "endpoint",
+        "Twisted server endpoint string for /metrics, /healthz, /readyz",
+        why="loopback only, as the ingest's 9090: the listener has no authentication.",
+    ),
+    OptionSpec(
+        "live",
+        "PROCESSOR_LIVE",
+        "",
+        "optional-endpoint",
+        "Twisted server endpoint string for the live feed (/ws) and page (/); empty = off",
+    ),
+    OptionSpec(
+        "live-tokens",
+        "PROCESSOR_LIVE_TOKENS",
+        "",
+        "optional-file",
+        "file of live-feed tokens, 'TOKEN IMEI[,IMEI...]' or 'TOKEN *' one a line; empty = no file",
+    ),
+    OptionSpec(
+        "batch-size",
+        "PROCESSOR_BATCH_SIZE",
+        "1000",
+        "positive-int",
+        "most stream entries read (XREADGROUP COUNT) and written to PostgreSQL in one transaction",
+        why="one COPY + INSERT of 1000 rows takes tens of milliseconds; larger batches add "
+        "latency without adding much throughput (BENCHMARKS.md).",
+    ),
+    OptionSpec(
+        "block-time",
+        "PROCESSOR_BLOCK_TIME",
+        "1",
+        "seconds",
+        "seconds one XREADGROUP waits for new entries before it reads again",
+        why="an idle processor wakes once a second (claims, lag, shutdown) while new entries "
+        "are delivered as soon as they are added.",
+    ),
+    OptionSpec(
+        "claim-idle",
+        "PROCESSOR_CLAIM_IDLE",
+        "60",
+        "seconds",
+        "entries pending this many seconds in any consumer (a dead instance) are claimed "
+        "(XAUTOCLAIM)",
+        why="far above a healthy batch's read-to-ack time (milliseconds to seconds, or the "
+        "drain timeout), so a live instance's entries are never stolen.",
+    ),
+    OptionSpec(
+        "claim-interval",
+        "PROCESSOR_CLAIM_INTERVAL",
+        "30",
+        "seconds",
+        "seconds between XAUTOCLAIM passes (one also runs at start)",
+    ),
+    OptionSpec(
+        "dlq-attempts",
+        "PROCESSOR_DLQ_ATTEMPTS",
+        "5",
+        "positive-int",
+        "an entry that fails to decode or to write this many deliveries goes to the "
+        "processor's dead-letter stream and is acknowledged",
+        why="a transient problem clears in one or two deliveries; five claims a claim-idle "
+        "apart leave minutes to notice before a record is set aside.",
+    ),
+    OptionSpec(
+        "device-state-size",
+        "PROCESSOR_DEVICE_STATE_SIZE",
+        "100000",
+        "positive-int",
+        "devices whose last position is kept in memory (least recently used evicted)",
+        why="about 200 bytes a device, ~20 MB for 100 000 devices; an evicted device costs "
+        "one last_positions query when it reports again.",
+    ),
+    OptionSpec(
+        "write-retry-max",
+        "PROCESSOR_WRITE_RETRY_MAX",
+        "30",
+        "seconds",
+        "longest backoff between attempts to write a batch while PostgreSQL fails",
+    ),
+    OptionSpec(
+        "instance-id",
+        "PROCESSOR_INSTANCE_ID",
+        "",
+        "instance-id",
+        "this process's identity in logs and dead letters; empty = the host name",
+    ),
+    OptionSpec(
+        "config",
+        "PROCESSOR_CONFIG",
+        "./" + PROCESSOR_CONFIG_FILE,
+        "config",
+        "INI file to read; an explicitly named file must exist; empty = read no file",
+        in_file=False,
+    ),
+    OptionSpec(
+        "data-dir",
+        "PROCESSOR_DATA_DIR",
+        "./var",
+        "path",
+        "data directory of the embedded Redis and PostgreSQL (unused when URLs are set)",
+    ),
+    OptionSpec(
+        "drain-timeout",
+        "PROCESSOR_DRAIN_TIMEOUT",
+        "10",
+        "seconds",
+        "seconds graceful shutdown waits for the in-flight batch to be written and acknowledged",
+        why="a batch writes in well under a second; ten leave room for a slow PostgreSQL "
+        "while staying inside the shutdown timeout.",
+    ),
+    OptionSpec(
+        "shutdown-timeout",
+        "PROCESSOR_SHUTDOWN_TIMEOUT",
+        "30",
+        "seconds",
+        "whole graceful shutdown budget in seconds, then exit status 1; "
+        "must be greater than drain-timeout",
+        why="as the ingest's: inside systemd's 90 s and Kubernetes' 30 s grace period.",
+    ),
+    OptionSpec(
+        "log-format",
+        "PROCESSOR_LOG_FORMAT",
+        "text",
+        "log-format",
+        "log output format: text or json (one object per line)",
+    ),
+    OptionSpec(
+        "log-level",
+        "PROCESSOR_LOG_LEVEL",
+        "info",
+        "log-level",
+        "least severe level logged: debug, info, warn, error or critical",
+    ),
+)
+
 
 # --------------------------------------------------------------------------- value parsers
 
@@ -610,6 +798,40 @@ def _parse_redis_url(text: str) -> RedisTarget | None:
         raise _Invalid(str(e)) from None
 
 
+def _parse_optional_endpoint(text: str) -> str | None:
+    return _parse_endpoint(text) if text else None
+
+
+_DATABASE_SCHEMES: Final = ("postgresql", "postgres")
+
+
+def _parse_database_url(text: str) -> str | None:
+    """A libpq connection URI (checked for shape; libpq parses it when connecting)."""
+    if text == "":
+        return None
+    expected = (
+        "expected postgresql://user[:password]@host[:port]/db or postgresql:///db?host=/socket/dir"
+    )
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise _Invalid(expected) from None
+    if parts.scheme.lower() not in _DATABASE_SCHEMES or parts.fragment:
+        raise _Invalid(expected)
+    if not parts.hostname and "host=" not in parts.query:
+        raise _Invalid(expected + " (the host is missing)")
+    return text
+
+
+def describe_database_url(url: str | None) -> str:
+    """A database URL for logs: the password replaced by ``***``."""
+    if url is None:
+        return "(embedded)"
+    shown = re.sub(r"(?<=://)([^:@/]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", shown)
+
+
 def _resolve_path(text: str, cwd: str | None) -> str:
     path = os.path.expanduser(text)
     if cwd is not None:
@@ -620,6 +842,8 @@ def _resolve_path(text: str, cwd: str | None) -> str:
 # Parsers of the path kinds take the working directory (None: leave relative paths alone).
 _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "endpoint": _parse_endpoint,
+    "optional-endpoint": _parse_optional_endpoint,
+    "database-url": _parse_database_url,
     "udp-port": _parse_udp_port,
     "ip-or-empty": _parse_ip_or_empty,
     "redis-url": _parse_redis_url,
@@ -650,9 +874,8 @@ def _parse_path(spec: OptionSpec, text: str, cwd: str | None) -> str | None:
     return path
 
 
-def _builtin(name: str) -> Any:
-    """The built-in default of option ``name`` as a Config value (paths left relative)."""
-    spec = OPTIONS_BY_NAME[name]
+def _builtin(spec: OptionSpec) -> Any:
+    """The built-in default of option ``spec`` as a Config value (paths left relative)."""
     if spec.kind in _PATH_KINDS:
         return _parse_path(spec, spec.default, None)
     return _PARSERS[spec.kind](spec.default)
@@ -924,7 +1147,7 @@ class RedisTarget:
 # Built-in defaults as Config values, by option name (paths left relative; instance-id is
 # filled in per Config, see its field).
 _DEFAULTS: Final[dict[str, Any]] = {
-    spec.name: _builtin(spec.name) for spec in OPTIONS if spec.name != "instance-id"
+    spec.name: _builtin(spec) for spec in OPTIONS if spec.name != "instance-id"
 }
 
 
@@ -1022,6 +1245,78 @@ class Config:
         return options.config
 
 
+_PROCESSOR_DEFAULTS: Final[dict[str, Any]] = {
+    spec.name: _builtin(spec) for spec in PROCESSOR_OPTIONS if spec.kind != "instance-id"
+}
+
+
+@attrs.frozen
+class ProcessorConfig:
+    """The resolved configuration of one processor process (contract.md section 9).
+
+    Built like :class:`Config`: direct construction uses the built-in defaults,
+    :meth:`from_args` / :class:`ProcessorOptions` resolve every layer.
+    """
+
+    redis: RedisTarget | None = _PROCESSOR_DEFAULTS["redis-url"]  # None: embedded Redis
+    database_url: str | None = _PROCESSOR_DEFAULTS["database-url"]  # None: embedded PostgreSQL
+    stream: str = _PROCESSOR_DEFAULTS["stream"]
+    group: str = _PROCESSOR_DEFAULTS["group"]
+    consumer: str = attrs.field(factory=socket.gethostname)
+    metrics: str = _PROCESSOR_DEFAULTS["metrics"]
+    live: str | None = _PROCESSOR_DEFAULTS["live"]  # None: no live feed
+    live_tokens: str | None = _PROCESSOR_DEFAULTS["live-tokens"]
+    batch_size: int = _PROCESSOR_DEFAULTS["batch-size"]
+    block_time: float = _PROCESSOR_DEFAULTS["block-time"]
+    claim_idle: float = _PROCESSOR_DEFAULTS["claim-idle"]
+    claim_interval: float = _PROCESSOR_DEFAULTS["claim-interval"]
+    dlq_attempts: int = _PROCESSOR_DEFAULTS["dlq-attempts"]
+    device_state_size: int = _PROCESSOR_DEFAULTS["device-state-size"]
+    write_retry_max: float = _PROCESSOR_DEFAULTS["write-retry-max"]
+    instance_id: str = attrs.field(factory=socket.gethostname)
+    config_file: str | None = attrs.field(default=None, eq=False)
+    data_dir: str = _PROCESSOR_DEFAULTS["data-dir"]
+    drain_timeout: float = _PROCESSOR_DEFAULTS["drain-timeout"]
+    shutdown_timeout: float = _PROCESSOR_DEFAULTS["shutdown-timeout"]
+    log_format: str = _PROCESSOR_DEFAULTS["log-format"]
+    log_level: str = _PROCESSOR_DEFAULTS["log-level"]
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def dlq_stream(self) -> str:
+        """The processor's dead-letter stream (contract.md section 9)."""
+        return self.stream + ":processor:dlq"
+
+    def describe(self) -> list[str]:
+        """One ``name = value (source)`` line per option, passwords hidden."""
+        lines = []
+        for spec in PROCESSOR_OPTIONS:
+            value = getattr(self, spec.attr)
+            if isinstance(value, RedisTarget):
+                shown = value.describe()
+            elif spec.kind == "database-url":
+                shown = describe_database_url(value)
+            elif value is None:
+                shown = "(embedded)" if spec.name == "redis-url" else "(none)"
+            else:
+                shown = str(value)
+            lines.append(f"{spec.name} = {shown} ({self.sources.get(spec.name, 'default')})")
+        return lines
+
+    @classmethod
+    def from_args(
+        cls,
+        argv: Sequence[str],
+        environ: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> ProcessorConfig:
+        """Parse plugin arguments (as after ``twistd teltonika-processor``) with all layers."""
+        options = ProcessorOptions(environ=environ, cwd=cwd)
+        options.parseOptions(list(argv))
+        config: ProcessorConfig = options.config
+        return config
+
+
 # --------------------------------------------------------------------------- resolution
 
 
@@ -1033,14 +1328,19 @@ class _Raw:
 
 def _error(spec: OptionSpec, problem: str, raw: _Raw) -> usage.UsageError:
     shown = raw.text
+    if spec.kind == "database-url":
+        shown = describe_database_url(shown)
     if spec.kind == "redis-url":
         shown = re.sub(r"(?<=://)[^@/]*@", "***@", shown)
         shown = re.sub(r"(?i)(password=)[^&]*", r"\1***", shown)
     return usage.UsageError(f"{spec.flag}: {problem}, got {shown!r} (from {raw.source})")
 
 
-def _read_ini(path: str, shown: str) -> dict[str, _Raw]:
-    """Read the ``[teltonika-ingest]`` section of ``path``; any problem is a UsageError."""
+def _read_ini(path: str, shown: str, table: OptionTable | None = None) -> dict[str, _Raw]:
+    """Read the table's section (``[teltonika-ingest]``) of ``path``; any problem is a
+    UsageError."""
+    table = table or INGEST_TABLE
+    CONFIG_SECTION = table.section  # the messages below name the table's section
     parser = configparser.ConfigParser(
         interpolation=None,
         default_section="\x00no default section",
@@ -1084,9 +1384,9 @@ def _read_ini(path: str, shown: str) -> dict[str, _Raw]:
         return {}
     source = f"config file {path}"
     values: dict[str, _Raw] = {}
-    file_keys = [spec.key for spec in OPTIONS if spec.in_file]
+    file_keys = [spec.key for spec in table.options if spec.in_file]
     for key, value in parser.items(CONFIG_SECTION):
-        spec = OPTIONS_BY_NAME.get(key)
+        spec = table.by_name.get(key)
         if spec is None:
             close = difflib.get_close_matches(key.replace("_", "-"), file_keys, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -1100,10 +1400,10 @@ def _read_ini(path: str, shown: str) -> dict[str, _Raw]:
 
 
 def _config_file(
-    cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str
+    cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str, table: OptionTable
 ) -> tuple[str | None, str]:
     """The INI file to read (or None) and where that choice came from."""
-    spec = OPTIONS_BY_NAME["config"]
+    spec = table.by_name["config"]
     given = cli.get(spec.name)
     if given is not None:
         raw = _Raw(given.strip(), "command line")
@@ -1120,16 +1420,23 @@ def _config_file(
     return path, raw.source
 
 
-def resolve(cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str) -> Config:
-    """Build a :class:`Config` from command line values (None = not given), an environment and
-    a working directory. Raises ``usage.UsageError`` with a one-line message."""
-    config_file, config_source = _config_file(cli, environ, cwd)
-    ini = _read_ini(config_file, config_source) if config_file else {}
+def resolve(
+    cli: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    cwd: str,
+    table: OptionTable | None = None,
+) -> Any:
+    """Build the table's config (:class:`Config` for the ingest's, the default) from command
+    line values (None = not given), an environment and a working directory. Raises
+    ``usage.UsageError`` with a one-line message."""
+    table = table or INGEST_TABLE
+    config_file, config_source = _config_file(cli, environ, cwd, table)
+    ini = _read_ini(config_file, config_source, table) if config_file else {}
 
     values: dict[str, Any] = {}
     raws: dict[str, _Raw] = {}
     sources: dict[str, str] = {}
-    for spec in OPTIONS:
+    for spec in table.options:
         if spec.name == "config":
             values[spec.attr] = config_file
             sources[spec.name] = config_source
@@ -1155,18 +1462,28 @@ def resolve(cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str)
             raise _error(spec, str(e), raw) from None
         raws[spec.name] = raw
         sources[spec.name] = raw.source
+    table.check(table, values, raws)
+    return table.build(**values, sources=sources)
 
+
+def _check_shutdown(
+    table: OptionTable, values: Mapping[str, Any], raws: Mapping[str, _Raw]
+) -> None:
     if values["shutdown_timeout"] <= values["drain_timeout"]:
         drain = raws["drain-timeout"]
         raise _error(
-            OPTIONS_BY_NAME["shutdown-timeout"],
+            table.by_name["shutdown-timeout"],
             f"must be greater than --drain-timeout ({drain.text.strip()}, from {drain.source})",
             raws["shutdown-timeout"],
         )
+
+
+def _check_ingest(table: OptionTable, values: Mapping[str, Any], raws: Mapping[str, _Raw]) -> None:
+    _check_shutdown(table, values, raws)
     if values["workers"] > 1 and not values["listen"].startswith("tcp:"):
         listen = raws["listen"]
         raise _error(
-            OPTIONS_BY_NAME["workers"],
+            table.by_name["workers"],
             f"more than one worker needs a plain tcp: --listen endpoint, not "
             f"{listen.text.strip()!r} (from {listen.source})",
             raws["workers"],
@@ -1180,7 +1497,34 @@ def resolve(cli: Mapping[str, str | None], environ: Mapping[str, str], cwd: str)
             f"bytes (--max-frame-size from {frame.source})",
             raws["max-buffer"],
         )
-    return Config(**values, sources=sources)
+
+
+@attrs.frozen
+class OptionTable:
+    """One service's options: its table, INI section and config class (the machinery above
+    and :class:`Options` work on any table)."""
+
+    service: str
+    options: tuple[OptionSpec, ...]
+    section: str
+    build: Callable[..., Any]
+    check: Callable[[OptionTable, Mapping[str, Any], Mapping[str, _Raw]], None]
+
+    @property
+    def by_name(self) -> Mapping[str, OptionSpec]:
+        return {spec.name: spec for spec in self.options}
+
+
+INGEST_TABLE: Final = OptionTable(
+    "teltonika-ingest", OPTIONS, CONFIG_SECTION, Config, _check_ingest
+)
+PROCESSOR_TABLE: Final = OptionTable(
+    "teltonika-processor",
+    PROCESSOR_OPTIONS,
+    PROCESSOR_SECTION,
+    ProcessorConfig,
+    _check_shutdown,
+)
 
 
 # --------------------------------------------------------------------------- usage.Options
@@ -1191,26 +1535,14 @@ def _usage_doc(spec: OptionSpec) -> str:
     return f"{spec.help}. [env {spec.env}; default {default}]"
 
 
-class Options(usage.Options):
-    """``twistd teltonika-ingest`` options; after parsing, :attr:`config` holds the result.
+def _opt_parameters(options: Sequence[OptionSpec]) -> list[list[Any]]:
+    return [[spec.name, None, None, _usage_doc(spec)] for spec in options if spec.kind != "bool"]
 
-    ``environ`` and ``cwd`` default to the process environment and working directory (twistd
-    instantiates this class without arguments); tests pass their own.
-    """
 
-    synopsis = "[options]"
-    longdesc = (
-        "Every option can also be set by an environment variable and in the INI file "
-        "(--config, default ./tap.conf if present, section [teltonika-ingest], keys are the "
-        "option names). Precedence: command line > environment > config file > default. "
-        "See OPERATIONS.md, 'Configuration reference'."
-    )
-    optParameters = [
-        [spec.name, None, None, _usage_doc(spec)] for spec in OPTIONS if spec.kind != "bool"
-    ]
-    optFlags = [
+def _opt_flags(options: Sequence[OptionSpec]) -> list[list[Any]]:
+    return [
         flag
-        for spec in OPTIONS
+        for spec in options
         if spec.kind == "bool"
         for flag in (
             [spec.name, None, _usage_doc(spec)],
@@ -1218,7 +1550,17 @@ class Options(usage.Options):
         )
     ]
 
-    config: Config
+
+class _TableOptions(usage.Options):
+    """``usage.Options`` for one :class:`OptionTable`; after parsing, :attr:`config` holds the
+    result. (No optParameters here: ``usage.Options`` accumulates them over base classes.)
+
+    ``environ`` and ``cwd`` default to the process environment and working directory (twistd
+    instantiates this class without arguments); tests pass their own.
+    """
+
+    table: OptionTable
+    synopsis = "[options]"
 
     def __init__(
         self,
@@ -1228,7 +1570,7 @@ class Options(usage.Options):
         super().__init__()
         self._environ = environ
         self._cwd = None if cwd is None else os.fspath(cwd)
-        for spec in OPTIONS:
+        for spec in self.table.options:
             if spec.kind == "bool":
                 # usage.Options defaults flags to 0; None tells "not given" apart.
                 self[spec.name] = None
@@ -1236,7 +1578,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         cli: dict[str, str | None] = {}
-        for spec in OPTIONS:
+        for spec in self.table.options:
             if spec.kind == "bool":
                 on, off = self[spec.name], self["no-" + spec.name]
                 if on and off:
@@ -1248,30 +1590,74 @@ class Options(usage.Options):
                 cli[spec.name] = self[spec.name]
         environ = os.environ if self._environ is None else self._environ
         cwd = os.getcwd() if self._cwd is None else self._cwd
-        self.config = resolve(cli, environ, cwd)
+        self.config = resolve(cli, environ, cwd, self.table)
+
+
+class Options(_TableOptions):
+    """``twistd teltonika-ingest`` options; after parsing, :attr:`config` holds the result."""
+
+    table = INGEST_TABLE
+    longdesc = (
+        "Every option can also be set by an environment variable and in the INI file "
+        "(--config, default ./tap.conf if present, section [teltonika-ingest], keys are the "
+        "option names). Precedence: command line > environment > config file > default. "
+        "See OPERATIONS.md, 'Configuration reference'."
+    )
+    optParameters = _opt_parameters(OPTIONS)
+    optFlags = _opt_flags(OPTIONS)
+
+    config: Config
+
+
+class ProcessorOptions(_TableOptions):
+    """``twistd teltonika-processor`` options; after parsing, :attr:`config` holds the
+    result."""
+
+    table = PROCESSOR_TABLE
+    longdesc = (
+        "Every option can also be set by an environment variable and in the INI file "
+        f"(--config, default ./{PROCESSOR_CONFIG_FILE} if present, section "
+        f"[{PROCESSOR_SECTION}], keys are the option names). Precedence: command line > "
+        "environment > config file > default. See OPERATIONS.md, 'The processor'."
+    )
+    optParameters = _opt_parameters(PROCESSOR_OPTIONS)
+    optFlags = _opt_flags(PROCESSOR_OPTIONS)
+
+    config: ProcessorConfig
 
 
 # --------------------------------------------------------------------------- generated docs
 
-_TAP_CONF_HEADER: Final = f"""\
-# teltonika-ingest configuration file (INI).
+_FILE_HEADER: Final = """\
+# {service} configuration file (INI).
 #
-# Read from the file named by --config or TELTONIKA_CONFIG; without either, from ./tap.conf
+# Read from the file named by --config or {config_env}; without either, from ./{file}
 # when it exists (an explicitly named file must exist; an empty name reads no file).
 # Precedence: command line > environment > this file > built-in default.
 # Every setting is shown below commented out, at its built-in default: uncomment to change it.
 # Keys are the long option names; unknown keys are an error. Booleans: true/false, yes/no,
 # on/off, 1/0. Relative paths are relative to the working directory, not to this file.
-# Generated from teltonika_ingest/config.py: python -m teltonika_ingest.config tap.conf
+# Generated from teltonika_ingest/config.py: python -m teltonika_ingest.config {what}
 
-[{CONFIG_SECTION}]
+[{section}]
 """
 
 
-def render_tap_conf() -> str:
-    """The shipped ``tap.conf``: every file option commented out at its default."""
-    parts = [_TAP_CONF_HEADER]
-    for spec in OPTIONS:
+def render_tap_conf(table: OptionTable | None = None) -> str:
+    """The shipped ``tap.conf`` (or ``processor.conf`` for the processor's table): every file
+    option commented out at its default."""
+    table = table or INGEST_TABLE
+    config = table.by_name["config"]
+    parts = [
+        _FILE_HEADER.format(
+            service=table.service,
+            config_env=config.env,
+            file=os.path.basename(config.default),
+            what=os.path.basename(config.default),
+            section=table.section,
+        )
+    ]
+    for spec in table.options:
         if not spec.in_file:
             continue
         setting = f"# {spec.key} = {spec.default}".rstrip()
@@ -1283,13 +1669,15 @@ def _md_default(spec: OptionSpec) -> str:
     return f"`{spec.default}`" if spec.default else "*(empty)*"
 
 
-def render_reference() -> str:
+def render_reference(table: OptionTable | None = None) -> str:
     """The option table and the "why this default" list of OPERATIONS.md."""
+    table = table or INGEST_TABLE
+    file = os.path.basename(table.by_name["config"].default)
     rows = [
-        "| option | env | tap.conf key | default | meaning |",
+        f"| option | env | {file} key | default | meaning |",
         "|---|---|---|---|---|",
     ]
-    for spec in OPTIONS:
+    for spec in table.options:
         key = f"`{spec.key}`" if spec.in_file else "—"
         flag = f"`{spec.flag}`"
         if spec.kind == "bool":
@@ -1298,7 +1686,7 @@ def render_reference() -> str:
     rows.append("")
     rows.append("Why these defaults:")
     rows.append("")
-    for spec in OPTIONS:
+    for spec in table.options:
         if spec.why:
             rows.append(f"* `{spec.flag}` = {_md_default(spec)}: {spec.why}")
     return "\n".join(rows) + "\n"
@@ -1310,8 +1698,15 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.write(render_tap_conf())
     elif what == "reference":
         sys.stdout.write(render_reference())
+    elif what == PROCESSOR_CONFIG_FILE:
+        sys.stdout.write(render_tap_conf(PROCESSOR_TABLE))
+    elif what == "processor-reference":
+        sys.stdout.write(render_reference(PROCESSOR_TABLE))
     else:
-        sys.stderr.write("usage: python -m teltonika_ingest.config tap.conf|reference\n")
+        sys.stderr.write(
+            "usage: python -m teltonika_ingest.config "
+            f"tap.conf|reference|{PROCESSOR_CONFIG_FILE}|processor-reference\n"
+        )
         return 2
     return 0
 

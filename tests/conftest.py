@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from pgproc import PgProcess
 from redisproc import RedisProcess
 
 
@@ -37,3 +40,24 @@ def redis_session(_redis_session_server: RedisProcess) -> RedisProcess:
         proc.start()
     proc.cmd("FLUSHALL")
     return proc
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgProcess]:
+    """The session's own PostgreSQL (never the machine's shared one on 5432)."""
+    proc = PgProcess().start()
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgProcess) -> str:
+    """A fresh, empty database on the session's PostgreSQL; its URL."""
+    if not pg_server.running:  # a test stopped it and failed before starting it again
+        pg_server.start()
+    return pg_server.create_database(f"test_{os.getpid()}_{next(_databases)}")

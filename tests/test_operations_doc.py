@@ -82,3 +82,43 @@ def test_alert_rules_cover_the_required_conditions() -> None:
         "teltonika_redis_up == 0",
     ):
         assert expr in alerts
+
+
+def processor_metric_names() -> set[str]:
+    from teltonika_ingest.processor.metrics import ProcessorMetrics
+
+    names = set()
+    for family in ProcessorMetrics().registry.collect():
+        if family.name.startswith("processor_"):
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def test_processor_metrics_documented_both_ways() -> None:
+    processor = section("The processor")
+    documented = set(re.findall(r"^\| `(processor_\w+)` \|", processor, re.M))
+    assert documented == processor_metric_names()
+    used = set(re.findall(r"\b(processor_[a-z_]+?)(?:_bucket|_count|_sum)?\b", DOC))
+    assert used - processor_metric_names() == set()
+
+
+def test_processor_contract_metrics_and_runbook() -> None:
+    contract = {
+        "processor_consumer_reads_total", "processor_consumer_records_total",
+        "processor_consumer_lag", "processor_decode_errors_total",
+        "processor_position_writes_total", "processor_write_duration_seconds",
+        "processor_acks_total", "processor_device_state_size",
+        "processor_device_state_evictions_total", "processor_claims_total",
+        "processor_dead_letters_total",
+    }  # fmt: skip
+    assert contract <= processor_metric_names()
+    processor = section("The processor")
+    for title in (
+        "Consumer lag growing",
+        "Claim stuck entries from a dead instance",
+        "Drain the processor DLQ",
+        "Postgres down",
+        "Force-rehydrate one device",
+        "Add a second instance",
+    ):
+        assert f"#### {title}" in processor

@@ -20,6 +20,8 @@ def test_wheel_ships_the_plugin_without_package_init(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("teltonika_ingest-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/teltonika_ingest_plugin.py" in names
+    assert "twisted/plugins/teltonika_processor_plugin.py" in names
+    assert "teltonika_ingest/processor/migrations/0001_positions.sql" in names
     # an __init__.py here would shadow Twisted's own twisted.plugins package
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
@@ -36,3 +38,8 @@ def test_twistd_lists_the_plugin() -> None:
         [str(twistd), "teltonika-ingest", "--help"], capture_output=True, text=True, timeout=60
     ).stdout
     assert "--listen" in help_text and "--redis-url" in help_text
+    assert "teltonika-processor" in out
+    help_text = subprocess.run(
+        [str(twistd), "teltonika-processor", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "--database-url" in help_text and "--live-tokens" in help_text

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "teltonika_ingest.cli.dlq",
     "teltonika_ingest.cli.simulate",
     "teltonika_ingest.cli.verify",
+    "teltonika_ingest.cli.positions",
 )
 
 
