@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+# as the ingest's: no *_created series (process-wide; the same call as server/metrics.py)
+prometheus_client.disable_created_metrics()
 
 READ_RESULTS = ("ok", "empty", "error")
 WRITE_STATUSES = ("inserted", "duplicate", "failed")
