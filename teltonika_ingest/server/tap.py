@@ -37,6 +37,7 @@ from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.server.publisher import Publisher
 from teltonika_ingest.server.readiness import RedisWriteProbe
 from teltonika_ingest.server.registry import Registry
+from teltonika_ingest.server.sdnotify import SystemdNotifier
 from teltonika_ingest.server.startup import StartupError
 from teltonika_ingest.server.udp import UdpListener
 from teltonika_ingest.server.worker import (
@@ -294,6 +295,14 @@ class IngestService(service.MultiService):
         self.suppressed_report.setName("suppressed-report")
         self.suppressed_report.setServiceParent(self)
 
+        # --- systemd notify (Type=notify, WatchdogSec=): only when NOTIFY_SOCKET is set
+        self._status_records = 0.0
+        self.notifier = SystemdNotifier.from_environment(
+            clock=reactor, ready_check=self.readiness, status=self.status_line
+        )
+        if self.notifier is not None:
+            self.notifier.setServiceParent(self)
+
         self.redis.connection_made_hooks.append(self._redis_connected)
         self.redis.connection_lost_hooks.append(self._redis_lost)
         self.registry_redis.connection_made_hooks.append(self._registry_connected)
@@ -430,6 +439,18 @@ class IngestService(service.MultiService):
             return defer.succeed(f"redis not connected ({self.redis.redis_state()})")
         return defer.succeed(self.readiness_probe.reason())
 
+    def status_line(self, elapsed: float) -> str:
+        """systemd's STATUS=: devices connected, records/s over ``elapsed`` s, Redis."""
+        total = 0.0
+        for family in self.metrics.records.collect():
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        rate = (total - self._status_records) / elapsed if elapsed > 0 else 0.0
+        self._status_records = total
+        return (
+            f"{len(self.factory.connections)} device connections, {rate:.0f} records/s, "
+            f"Redis {self.redis.redis_state()}"
+        )
+
     # ------------------------------------------------------------------ shutdown (contract.md §7)
 
     def stopService(self) -> defer.Deferred[None]:
@@ -442,6 +463,8 @@ class IngestService(service.MultiService):
         service.Service.stopService(self)
         watchdog = clock.callLater(config.shutdown_timeout, self._shutdown_overrun)
         log.info("shutdown: 1/6 stop accepting device connections")
+        if self.notifier is not None:
+            self.notifier.stopping()
         self.readiness_probe.stopService()
         await self.listener.stopService()
         await self.commands.stopService()
@@ -488,6 +511,8 @@ class IngestService(service.MultiService):
         if watchdog.active():
             watchdog.cancel()
         log.info("shutdown complete")
+        if self.notifier is not None:
+            self.notifier.stopService()
         if self._uninstall_sighup is not None:
             self._uninstall_sighup()
         if self._stop_counting_errors is not None:
