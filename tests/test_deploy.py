@@ -86,7 +86,9 @@ def test_units_agree_with_each_other_and_the_service() -> None:
     assert sock["Socket"]["Service"] == "teltonika-ingest.service"
     assert service["Unit"]["Requires"] == "teltonika-ingest.socket"
     svc = service["Service"]
-    assert svc["Type"] == "simple" and svc["KillSignal"] == "SIGTERM"
+    assert svc["Type"] == "notify" and svc["KillSignal"] == "SIGTERM"
+    assert svc["NotifyAccess"] == "main"  # not the embedded redis-server child
+    assert float(svc["WatchdogSec"].removesuffix("s")) >= 10
     assert svc["KillMode"] == "mixed"  # the embedded redis-server is stopped by us, last
     assert svc["Restart"] == "on-failure"
     stop_timeout = float(svc["TimeoutStopSec"].removesuffix("s"))

@@ -34,7 +34,7 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.received: list[str] = []
 
-    def until(self, predicate: object, timeout: float = 30.0) -> list[str]:
+    def until(self, predicate: object, timeout: float = 15.0) -> list[str]:
         """Read datagrams until ``predicate(received)`` is true; fail after ``timeout`` s."""
         assert callable(predicate)
         deadline = time.monotonic() + timeout
