@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+# the compiled hot path is rebuilt when its source changes (a stale .so fails test_fastavl)
+$(STAMP): pyproject.toml setup.py teltonika_ingest/codec/_fastavl.c
 	# systemd-analyze checks the shipped unit files (tests/test_deploy.py)
 	command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

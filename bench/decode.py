@@ -14,7 +14,10 @@ Cases
   payload 8E            record_payload() per record (JSON for the stream)
   to payloads 8E, Python    what the service does per frame without the C extension:
                         decode_avl_frame + record_payload per record
-  to payloads 8E, compiled  the same with it: payload_parts + payloads_from_parts
+  to payloads 8E, compiled  the same with it: payload_parts + payloads_and_flags (what the
+                        publisher does per frame, data-quality flags included)
+  to payloads 8E, --io-names  the Python path plus the io object (the catalogue's named
+                        values for an FMB920): what the service does per frame with --io-names
   format_timestamp      per call
   calibration           a fixed pure-Python loop (to compare machines and runs)
 """
@@ -43,7 +46,7 @@ from teltonika_ingest.codec import (
     format_timestamp,
     record_payload,
 )
-from teltonika_ingest.codec.payload import payloads_from_parts
+from teltonika_ingest.codec.payload import payloads_and_flags, time_limit
 
 RECORDS_PER_FRAME = 10
 GROUP_SIZES = {1: 8, 2: 7, 4: 5, 8: 3}  # 23 IO elements
@@ -164,9 +167,25 @@ def cases() -> list[tuple[str, Callable[[], object], int]]:
         data_8e = frame_8e[8:-4]
 
         def compiled_payloads() -> None:
-            payloads_from_parts("356307042441013", received_at, compiled(data_8e)[2])
+            limit = time_limit(received_at)
+            payloads_and_flags("356307042441013", received_at, compiled(data_8e)[2], limit)
 
         out.append(("to payloads 8E, compiled", compiled_payloads, RECORDS_PER_FRAME))
+
+    from teltonika_ingest.catalog import catalogue, io_object
+
+    view = catalogue().for_model("FMB920")
+
+    def named_payloads() -> None:
+        packet = decode_avl_frame(frame_8e)
+        limit = time_limit(received_at)
+        for record in packet.records:
+            record_payload(
+                record, "356307042441013", "8E", received_at, limit=limit,
+                io=io_object(view, record),
+            )  # fmt: skip
+
+    out.append(("to payloads 8E, --io-names", named_payloads, RECORDS_PER_FRAME))
     out.append(("format_timestamp", lambda: format_timestamp(1_700_000_012_345), 1))
     out.append(("calibration", calibration_loop, 1))
     return out

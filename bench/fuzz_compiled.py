@@ -36,6 +36,7 @@ from teltonika_ingest.codec import (
 from teltonika_ingest.codec.payload import payloads_from_parts
 
 IMEI = "356307042441013"
+RECEIVED_AT = "2026-11-22T10:00:00.123Z"
 
 
 def load(path: str | None) -> ModuleType:
@@ -110,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         packet = decode_avl_data(data)  # raises if the compiled path accepted too much
         want: list[bytes] = []
         for r in packet.records:
-            want += [format_timestamp(r.timestamp_ms).encode(), record_payload(r, IMEI, codec, "X")]
+            want += [
+                format_timestamp(r.timestamp_ms).encode(),
+                record_payload(r, IMEI, codec, RECEIVED_AT),
+            ]
         if (codec, count) != (packet.codec, len(packet.records)) or want != payloads_from_parts(
-            IMEI, "X", parts
+            IMEI, RECEIVED_AT, parts
         ):
             print(f"DISAGREEMENT on {data.hex()}", file=sys.stderr)
             return 1

@@ -466,6 +466,39 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "them all (the cost grows with N), while shared lets the live workers take the "
         "connections of one being restarted.",
     ),
+    OptionSpec(
+        "time-valid-window",
+        "TELTONIKA_TIME_VALID_WINDOW",
+        "600",
+        "seconds-or-zero",
+        "a record timestamped more than this many seconds after received_at gets "
+        '"time_valid": false (so do timestamps before 2010); the record is published anyway',
+        why="contract.md section 8: 10 minutes. Device clocks come from GNSS (or the "
+        "network): minutes ahead means a bad clock, not a fast one; 0 = nothing in the future.",
+    ),
+    OptionSpec(
+        "io-names",
+        "TELTONIKA_IO_NAMES",
+        "false",
+        "bool",
+        'add the "io" object (named, scaled IO values for the device\'s model) to every '
+        "payload; attributes stay as they are (command line: --io-names / --no-io-names)",
+    ),
+    OptionSpec(
+        "default-model",
+        "TELTONIKA_DEFAULT_MODEL",
+        "",
+        "model",
+        "device model for --io-names when neither the Redis hash nor the allow-list file "
+        "names one (e.g. FMB920); empty = unknown: only the ids common to all families",
+    ),
+    OptionSpec(
+        "model-key",
+        "TELTONIKA_MODEL_KEY",
+        "devices:model",
+        "optional-key",
+        "Redis hash IMEI -> device model for --io-names; empty = no Redis lookup",
+    ),
 )
 
 OPTIONS_BY_NAME: Final[Mapping[str, OptionSpec]] = {spec.name: spec for spec in OPTIONS}
@@ -753,6 +786,21 @@ def _parse_optional_key(text: str) -> str | None:
     return _no_space(text, "Redis key") if text else None
 
 
+def _parse_model(text: str) -> str | None:
+    """A device model the IO catalogue knows, in its spelling; empty = none."""
+    if not text:
+        return None
+    from teltonika_ingest.catalog import catalogue  # loaded only when a model is given
+
+    model = catalogue().resolve(text)
+    if model is None:
+        raise _Invalid(
+            "expected a device model the IO catalogue knows, such as FMB920 or TAT100 "
+            "(teltonika-ingest io lists them)"
+        )
+    return model
+
+
 def _parse_instance_id(text: str) -> str:
     if text == "":
         return socket.gethostname()
@@ -855,6 +903,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "seconds": _parse_seconds,
     "seconds-or-zero": _parse_seconds_or_zero,
     "instance-id": _parse_instance_id,
+    "model": _parse_model,
     "log-format": _choice(LOG_FORMATS),
     "log-level": _choice(LOG_LEVELS, {"warning": "warn"}),
     "bool": _parse_bool,
@@ -1198,6 +1247,10 @@ class Config:
     luhn: bool = _DEFAULTS["luhn"]
     workers: int = _DEFAULTS["workers"]
     worker_sockets: str = _DEFAULTS["worker-sockets"]  # "reuseport" | "shared"
+    time_valid_window: float = _DEFAULTS["time-valid-window"]
+    io_names: bool = _DEFAULTS["io-names"]
+    default_model: str | None = _DEFAULTS["default-model"]
+    model_key: str | None = _DEFAULTS["model-key"]
     # Fixed by the contract (SET instance:heartbeat:{id} EX 90 every 30 s); not options.
     heartbeat_interval: float = 30.0
     heartbeat_ttl: int = 90

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import re
 
 import pytest
@@ -254,3 +255,25 @@ def test_search_by_name() -> None:
     assert {e.id for e in cat.search("ignition")} >= {239}
     assert 66 in {e.id for e in cat.search("voltage")}
     assert cat.search("no such thing at all") == []
+
+
+@pytest.mark.parametrize("model", [None, "FMB920", "FMB640", "TAT100", "FMC650", "TFT100"])
+def test_io_object_fast_path_equals_io_entry_for_every_element(model) -> None:
+    """io_object inlines the common cases; it must give what io_entry gives, element by
+    element, at every wire size (signed, scaled, hex, ascii, 8-byte, value meanings)."""
+    from teltonika_ingest.catalog import io_entry
+    from teltonika_ingest.codec import AvlRecord
+
+    rnd = random.Random(model)
+    view = catalogue().for_model(model)
+    for io_id, element in view.elements.items():
+        for size in (1, 2, 4, 8):
+            raw = rnd.choice([0, 1, 850, rnd.randrange(1 << (8 * size))]) % (1 << (8 * size))
+            groups: dict[int, dict[int, int]] = {1: {}, 2: {}, 4: {}, 8: {}}
+            groups[size] = {io_id: raw}
+            record = AvlRecord(0, 0, 0, 0, 0, 0, 0, 0, 0, io1=groups[1], io2=groups[2],
+                               io4=groups[4], io8=groups[8])  # fmt: skip
+            assert io_object(view, record) == {element.key: io_entry(element, raw, size)}
+        buffer = rnd.randbytes(rnd.randrange(0, 20))
+        record = AvlRecord(0, 0, 0, 0, 0, 0, 0, 0, 0, iox={io_id: buffer})
+        assert io_object(view, record) == {element.key: io_entry(element, buffer, len(buffer))}

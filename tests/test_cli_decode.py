@@ -38,6 +38,7 @@ def strip_record(line: dict[str, Any]) -> dict[str, Any]:
     out = dict(line)
     for key in ("device_id", "received_at", "codec"):
         del out[key]
+    assert isinstance(out.pop("gps_valid"), bool) and isinstance(out.pop("time_valid"), bool)
     if line["codec"] != "16":
         assert out.pop("generation_type") is None
     return out

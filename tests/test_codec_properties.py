@@ -217,7 +217,15 @@ def test_payload_json_round_trip(record, imei):
         "event_io_id",
         "generation_type",
         "attributes",
+        "gps_valid",
+        "time_valid",
     ]
+    assert payload["gps_valid"] is (
+        record.satellites != 0 and (record.longitude != 0 or record.latitude != 0)
+    )
+    assert payload["time_valid"] is (
+        1262304000000 <= record.timestamp_ms <= 1767225600000 + 600_000
+    )
     assert payload["device_id"] == imei
     assert payload["longitude"] == record.longitude / 1e7
     assert payload["latitude"] == record.latitude / 1e7

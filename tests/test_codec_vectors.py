@@ -45,8 +45,14 @@ def by_kind(*kinds: str) -> list[Any]:
 def expected_record_shape(record, codec: str) -> dict[str, Any]:
     """The vector's record shape: the payload minus device_id, received_at and codec,
     and minus generation_type for codecs other than 16."""
-    payload = orjson.loads(record_payload(record, "356307042441013", codec, "x"))
+    payload = orjson.loads(
+        record_payload(record, "356307042441013", codec, "2026-11-22T10:00:00.123Z")
+    )
     del payload["device_id"], payload["received_at"], payload["codec"]
+    # the quality flags (contract.md section 8) are not in the vector file; their own tests
+    # are in test_codec_payload.py
+    assert isinstance(payload.pop("gps_valid"), bool)
+    assert isinstance(payload.pop("time_valid"), bool)
     if codec != "16":
         assert payload.pop("generation_type") is None
     return payload

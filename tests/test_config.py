@@ -170,6 +170,10 @@ SAMPLES: dict[str, tuple[list[str], str, str]] = {
     "luhn": (["--luhn"], "false", "yes"),
     "workers": (["--workers", "2"], "3", "4"),
     "worker-sockets": (["--worker-sockets", "shared"], "reuseport", "shared"),
+    "time-valid-window": (["--time-valid-window", "0"], "60", "3600"),
+    "io-names": (["--io-names"], "false", "yes"),
+    "default-model": (["--default-model", "fmb920"], "TAT100", "FMB640"),
+    "model-key": (["--model-key", "m1"], "m2", "m3"),
 }
 
 

@@ -29,7 +29,7 @@ from teltonika_ingest.codec import (
     record_payload,
     wrap_frame,
 )
-from teltonika_ingest.codec.payload import payloads_from_parts
+from teltonika_ingest.codec.payload import payloads_and_flags, payloads_from_parts
 
 from test_codec_properties import RELAXED, avl_packets, avl_records, damaged
 
@@ -180,3 +180,37 @@ def test_pure_python_switch() -> None:
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert out.startswith("True off")
+
+
+RECEIVED_MS = 1795341600123  # RECEIVED_AT
+OK_TS = 1_700_000_000_000  # 2023-11-14
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gps", "time"),
+    [
+        ({}, True, True),
+        ({"satellites": 0}, False, True),
+        ({"longitude": 0, "latitude": 0}, False, True),
+        ({"longitude": 0}, True, True),
+        ({"satellites": 0, "longitude": 0, "latitude": 0, "timestamp_ms": 0}, False, False),
+        ({"timestamp_ms": 0}, True, False),
+        ({"timestamp_ms": 1262304000000 - 1}, True, False),  # 2009-12-31T23:59:59.999Z
+        ({"timestamp_ms": 1262304000000}, True, True),  # 2010-01-01T00:00:00.000Z
+        ({"timestamp_ms": RECEIVED_MS + 600_000}, True, True),  # received_at + 10 min
+        ({"timestamp_ms": RECEIVED_MS + 600_001}, True, False),
+    ],
+)
+def test_quality_flags_agree_at_their_edges(overrides, gps, time) -> None:
+    """gps_valid is decided in C, time_valid in payloads_and_flags: both byte-identical to
+    the Python payload at the edges of contract.md section 8."""
+    from support import make_record
+
+    record = make_record(0, **{"timestamp_ms": OK_TS, **overrides})
+    data = encode_avl_data(AvlPacket("8E", (record,)))
+    assert check_agrees(data)
+    payload = json.loads(python_side(data)[2][1])
+    assert (payload["gps_valid"], payload["time_valid"]) == (gps, time)
+    _, _, parts = fast(data)
+    _, gps_bad, time_bad = payloads_and_flags(IMEI, RECEIVED_AT, parts)
+    assert (gps_bad, time_bad) == (int(not gps), int(not time))

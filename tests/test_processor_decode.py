@@ -75,7 +75,13 @@ def test_sentinels_reversed_exactly_and_stored_as_numbers_and_base64() -> None:
     stored = orjson.loads(row.attributes_json)
     assert stored["78"] == 18446744073709551615
     assert base64.b64decode(stored["385"]) == b"\x01\x02\x03\x04"
-    assert row.io_json is None and row.gps_valid is None and row.time_valid is None
+    # the ingest writes the data-quality flags into every payload (contract.md section 8)
+    assert row.io_json is None and row.gps_valid is True and row.time_valid is True
+    # a payload written before the flags existed: NULL, not a guess
+    older = orjson.loads(payload)
+    del older["gps_valid"], older["time_valid"]
+    row = decode_entry("1-0", entry(orjson.dumps(older)))
+    assert row.gps_valid is None and row.time_valid is None
 
 
 def test_quality_flags_and_io_are_carried_when_present() -> None:

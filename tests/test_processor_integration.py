@@ -106,7 +106,7 @@ async def test_every_vector_lands_exactly_with_its_values(
         assert row[0] == codec
         assert (row[2], row[3]) == (p["longitude"], p["latitude"])
         assert row[5] == p["generation_type"]
-        assert row[6] is None and row[7] is None
+        assert row[6] is None and row[7] is p["gps_valid"]  # the flags of contract.md §8
         attrs_db = row[4]
         for key, value in p["attributes"].items():
             if isinstance(value, dict) and "__bigint" in value:

@@ -129,7 +129,7 @@ async def test_vectors_end_to_end(service: Running, redis_proc: RedisProcess) ->
         assert set(payload) == {
             "device_id", "timestamp", "received_at", "codec", "priority", "longitude",
             "latitude", "altitude", "angle", "satellites", "speed", "event_io_id",
-            "generation_type", "attributes",
+            "generation_type", "attributes", "gps_valid", "time_valid",
         }  # fmt: skip
     assert service.sample("teltonika_records_total", codec="8") == 4
     assert service.sample("teltonika_records_total", codec="8E") == 1

@@ -63,6 +63,25 @@ class Element:
         return self.values.get(str(raw))
 
 
+#: how io_object reads a value: as sent, x multiplier, or through io_value (the rest)
+_AS_SENT, _SCALED, _GENERAL = 0, 1, 2
+
+#: io_object's precomputed view of one element (the per-record loop stays small)
+_Plan = tuple[str, int, "str | None", "dict[int, str] | None", int, float, int, Element]
+
+
+def _plan(element: Element) -> _Plan:
+    values = {int(raw): text for raw, text in element.values.items()} or None
+    mode, multiplier, decimals = _GENERAL, 1.0, 0
+    if element.type == "unsigned":
+        if element.multiplier is None:
+            mode = _AS_SENT
+        elif not float(element.multiplier).is_integer():
+            mode, multiplier = _SCALED, float(element.multiplier)
+            decimals = _decimals(multiplier)
+    return (element.key, element.id, element.unit, values, mode, multiplier, decimals, element)
+
+
 @attrs.frozen(slots=True)
 class ModelView:
     """The catalogue as one model sees it: IO id -> its element. ``model`` None: unknown
@@ -70,6 +89,11 @@ class ModelView:
 
     model: str | None
     elements: Mapping[int, Element]
+    plans: Mapping[int, _Plan] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        plans = {io_id: _plan(element) for io_id, element in self.elements.items()}
+        object.__setattr__(self, "plans", plans)
 
     def get(self, io_id: int) -> Element | None:
         return self.elements.get(io_id)
@@ -231,13 +255,37 @@ def io_entry(element: Element, raw: int | bytes, wire_size: int) -> dict[str, An
 def io_object(view: ModelView, record: AvlRecord) -> dict[str, Any]:
     """The payload's ``io`` object: the record's IO elements the model's catalogue names,
     in wire order, keyed by element key. Ids it does not know are left out (they stay in
-    ``attributes``, raw)."""
+    ``attributes``, raw). Equal to :func:`io_entry` per element, with the common cases
+    (unsigned, as sent or scaled) inline: this runs per record with ``--io-names``."""
     out: dict[str, Any] = {}
-    lookup = view.elements.get
-    for io_id, raw, size in _elements(record):
-        element = lookup(io_id)
-        if element is not None:
-            out[element.key] = io_entry(element, raw, size)
+    lookup = view.plans.get
+    for group, size in ((record.io1, 1), (record.io2, 2), (record.io4, 4)):
+        for io_id, raw in group.items():
+            plan = lookup(io_id)
+            if plan is None:
+                continue
+            key, eid, unit, values, mode, multiplier, decimals, element = plan
+            if mode == _AS_SENT:
+                entry: dict[str, Any] = {"id": eid, "value": raw}
+            elif mode == _SCALED:
+                entry = {"id": eid, "value": round(raw * multiplier, decimals)}
+            else:
+                entry = {"id": eid, "value": io_value(element, raw, size)}
+            if unit:
+                entry["unit"] = unit
+            if values is not None:
+                text = values.get(raw)
+                if text is not None:
+                    entry["text"] = text
+            out[key] = entry
+    for io_id, raw8 in record.io8.items():
+        plan = lookup(io_id)
+        if plan is not None:
+            out[plan[0]] = io_entry(plan[7], raw8, 8)
+    for io_id, rawx in record.iox.items():
+        plan = lookup(io_id)
+        if plan is not None:
+            out[plan[0]] = io_entry(plan[7], rawx, len(rawx))
     return out
 
 

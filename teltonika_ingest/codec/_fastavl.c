@@ -6,8 +6,10 @@
  *
  * parts = [ts_0, tail_0, ts_1, tail_1, ...]: ts_i is the record's ISO 8601 timestamp
  * ("2019-06-10T10:04:46.000Z"); tail_i is the payload after "received_at", i.e. from
- * ',"codec":' to the closing brace. The caller (codec/payload.py, payload_from_parts)
- * adds '{"device_id":..,"timestamp":"' ts '","received_at":"..."' in front.
+ * ',"codec":' to '"gps_valid":true' or 'false' (contract.md section 8: false when there are
+ * no satellites or both coordinates are 0). The caller (codec/payload.py,
+ * payloads_and_flags) adds '{"device_id":..,"timestamp":"' ts '","received_at":"..."' in
+ * front and ',"time_valid":...}' behind (it depends on received_at, which only it knows).
  *
  * This is an accelerator only. It raises ValueError whenever it is not sure to produce
  * exactly what the pure-Python decoder and payload builder would: any malformed frame,
@@ -305,7 +307,11 @@ static int one_record(const unsigned char *d, Py_ssize_t last, Py_ssize_t *offp,
         }
     }
     if (sum != total) return FALLBACK;
-    if (PUT_LIT(o, "}}") < 0) return -1;
+    if (sat != 0 && (lon != 0 || lat != 0)) {
+        if (PUT_LIT(o, "},\"gps_valid\":true") < 0) return -1;
+    } else if (PUT_LIT(o, "},\"gps_valid\":false") < 0) {
+        return -1;
+    }
     *offp = p;
     return 0;
 }

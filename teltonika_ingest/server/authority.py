@@ -24,9 +24,10 @@ a connection already open: the change applies from the device's next handshake.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, Final
 
@@ -78,6 +79,12 @@ class ParsedAllowList:
     imeis: frozenset[str]
     # (line number, line text, why it was skipped)
     invalid: tuple[tuple[int, str, str], ...] = ()
+    # IMEI -> device model, from the optional second column (``--io-names``)
+    models: Mapping[str, str] = attrs.field(factory=dict)
+
+
+#: a device model in the allow-list file's second column: FMB920, TAT100, FMM13A ...
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 def _is_imei(text: str) -> bool:
@@ -85,24 +92,32 @@ def _is_imei(text: str) -> bool:
 
 
 def parse_allow_list(text: str, *, luhn: bool = False) -> ParsedAllowList:
-    """Parse allow-list text: one IMEI per line, ``#`` comments, blank lines ignored.
+    """Parse allow-list text: one IMEI per line, optionally followed by the device model
+    (``356307042441013 FMB920``, for ``--io-names``), ``#`` comments, blank lines ignored.
 
     With ``luhn``, an IMEI that fails the check digit is skipped too (such a device would be
     refused anyway, and the line is probably a typo worth reporting).
     """
     imeis: set[str] = set()
+    models: dict[str, str] = {}
     invalid: list[tuple[int, str, str]] = []
     for number, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
         entry = raw.split("#", 1)[0].strip()
         if not entry:
             continue
-        if not _is_imei(entry):
+        entry, *rest = entry.split()
+        model = rest[0] if len(rest) == 1 else ""
+        if len(rest) > 1 or (model and not _MODEL.match(model)):
+            invalid.append((number, raw.strip()[:80], "not an IMEI and an optional model"))
+        elif not _is_imei(entry):
             invalid.append((number, raw.strip()[:80], "not an IMEI of 15 decimal digits"))
         elif luhn and not luhn_valid(entry):
             invalid.append((number, entry, "wrong Luhn check digit (--luhn)"))
         else:
             imeis.add(entry)
-    return ParsedAllowList(frozenset(imeis), tuple(invalid))
+            if model:
+                models[entry] = model
+    return ParsedAllowList(frozenset(imeis), tuple(invalid), models)
 
 
 class AllowListFile:
@@ -112,6 +127,7 @@ class AllowListFile:
         self.path = path
         self.luhn = luhn
         self.imeis: frozenset[str] = frozenset()
+        self.models: Mapping[str, str] = {}
 
     def read(self) -> ParsedAllowList:
         """Read and parse the file; raises ``OSError`` / ``UnicodeDecodeError`` if it can't."""
@@ -268,6 +284,7 @@ class DeviceAuthority:
             )
         old = self.file.imeis
         self.file.imeis = parsed.imeis
+        self.file.models = parsed.models
         if self.metrics is not None:
             self.metrics.size.set(len(parsed.imeis))
             self.metrics.reloads.labels(result="ok").inc()

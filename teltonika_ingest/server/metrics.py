@@ -60,6 +60,8 @@ FRAME_RESULTS = ("ok", "crc_fail", "malformed", "dead_lettered", "too_large", "u
 GC_GENERATIONS = ("0", "1", "2")
 CONNECTION_LIMITS = ("max_connections", "per_address")
 BUDGETS = ("device_messages", "dead_letters")
+#: the payload's data-quality flags (contract.md section 8): teltonika_records_flagged_total{flag}
+QUALITY_FLAGS = ("gps_valid", "time_valid")
 COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
 PUBLISH_FAILURE_REASONS = ("unavailable", "timeout", "overflow", "error")
 DEAD_LETTER_REASONS = ("unknown_codec", "malformed")
@@ -136,6 +138,21 @@ class Metrics:
             "teltonika_records_total",
             "AVL records published and ACKed, by codec (8, 8E, 16).",
             ["codec"],
+            registry=registry,
+        )
+        self.records_flagged = Counter(
+            "teltonika_records_flagged_total",
+            "Records published with a data-quality flag false, by flag (gps_valid, "
+            "time_valid); they are published all the same.",
+            ["flag"],
+            registry=registry,
+        )
+        for flag in QUALITY_FLAGS:
+            self.records_flagged.labels(flag=flag)
+        self.model_lookup_failures = Counter(
+            "teltonika_model_lookup_failures_total",
+            "Device model lookups in the Redis hash (--io-names, --model-key) that failed; "
+            "the allow-list file and --default-model named those records.",
             registry=registry,
         )
         self.unknown_codec = Counter(

@@ -23,9 +23,16 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from teltonika_ingest.catalog import ModelView, io_object
 from teltonika_ingest.codec import AvlFrame, AvlPacket, format_timestamp, record_payload
 from teltonika_ingest.codec.imei import IMEI_LENGTH
-from teltonika_ingest.codec.payload import payloads_from_parts
+from teltonika_ingest.codec.payload import (
+    DEFAULT_TIME_WINDOW_MS,
+    gps_valid,
+    payloads_and_flags,
+    time_limit,
+    time_valid,
+)
 from teltonika_ingest.redis.client import (
     RedisClient,
     RedisReplyError,
@@ -35,6 +42,7 @@ from teltonika_ingest.redis.client import (
 )
 from teltonika_ingest.redis.trim import TRIM_TO_BYTES
 from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.models import DeviceModels
 
 log = Logger()
 
@@ -141,8 +149,16 @@ class Publisher:
         batch_max_records: int = BATCH_MAX_RECORDS,
         batch_max_bytes: int = BATCH_MAX_BYTES,
         dlq_max_bytes: int = 0,
+        time_window_ms: int = DEFAULT_TIME_WINDOW_MS,
+        models: DeviceModels | None = None,
     ) -> None:
         self.redis = redis
+        #: time_valid is false more than this after received_at (--time-valid-window)
+        self.time_window_ms = time_window_ms
+        #: --io-names: each payload gains the "io" object for the device's model
+        self.models = models
+        flagged = metrics.records_flagged
+        self._flagged = (flagged.labels(flag="gps_valid"), flagged.labels(flag="time_valid"))
         self.stream = stream
         self._keys = [stream]
         self.dlq_stream = stream + ":dlq"
@@ -191,17 +207,43 @@ class Publisher:
 
         ``frame_at`` (``clock.seconds()``; default now) is when the packet was complete: the
         wait until its publish call is sent is ``teltonika_frame_to_publish_seconds``."""
+        models = self.models
+        if models is not None:
+            view = models.view(imei)
+            if isinstance(view, defer.Deferred):  # the first packet of this device in a while
+                return view.addCallback(
+                    lambda v: self._publish(imei, packet, received_ms, frame_at, v)
+                )
+            return self._publish(imei, packet, received_ms, frame_at, view)
+        return self._publish(imei, packet, received_ms, frame_at, None)
+
+    def _publish(
+        self,
+        imei: str,
+        packet: AvlPacket,
+        received_ms: int,
+        frame_at: float | None,
+        view: ModelView | None,
+    ) -> defer.Deferred[int]:
         codec = packet.codec
         received_at = format_timestamp(received_ms)
+        limit = time_limit(received_at, self.time_window_ms)
         records = packet.records
         segment: list[Any] = [imei, codec, len(records)]
         size = 0
+        gps_bad = time_bad = 0
         for record in records:
-            payload = record_payload(record, imei, codec, received_at)
+            io = None if view is None else io_object(view, record)
+            payload = record_payload(record, imei, codec, received_at, limit=limit, io=io)
             size += len(payload)
-            segment.append(format_timestamp(record.timestamp_ms))
+            ts = format_timestamp(record.timestamp_ms)
+            segment.append(ts)
             segment.append(payload)
-        return self._enqueue(segment, len(records), size, frame_at)
+            gps_bad += not gps_valid(record)
+            time_bad += not time_valid(ts, limit)
+        return self._counted(
+            self._enqueue(segment, len(records), size, frame_at), gps_bad, time_bad
+        )
 
     def publish_frame(
         self, imei: str, frame: AvlFrame, received_ms: int, frame_at: float | None = None
@@ -209,12 +251,34 @@ class Publisher:
         """:meth:`publish` for a framed packet: uses the payload pieces of the compiled path
         (``frame.parts``) when there are some, else the decoded packet."""
         parts = frame.parts
-        if parts is None or not (len(imei) == IMEI_LENGTH and imei.isdigit()):
+        if (
+            parts is None
+            or self.models is not None
+            or not (len(imei) == IMEI_LENGTH and imei.isdigit())
+        ):  # the compiled path has no names: --io-names decodes in Python
             return self.publish(imei, frame.packet, received_ms, frame_at)
-        flat = payloads_from_parts(imei, format_timestamp(received_ms), parts)
+        received_at = format_timestamp(received_ms)
+        flat, gps_bad, time_bad = payloads_and_flags(
+            imei, received_at, parts, time_limit(received_at, self.time_window_ms)
+        )
         count = frame.record_count
         segment: list[Any] = [imei, frame.codec, count, *flat]
-        return self._enqueue(segment, count, sum(map(len, flat)), frame_at)
+        d = self._enqueue(segment, count, sum(map(len, flat)), frame_at)
+        return self._counted(d, gps_bad, time_bad)
+
+    def _counted(self, d: defer.Deferred[int], gps_bad: int, time_bad: int) -> defer.Deferred[int]:
+        """Count the flagged records once Redis has them (as teltonika_records_total is)."""
+        if gps_bad or time_bad:
+            d.addCallback(self._count_flags, gps_bad, time_bad)
+        return d
+
+    def _count_flags(self, records: int, gps_bad: int, time_bad: int) -> int:
+        gps, time = self._flagged
+        if gps_bad:
+            gps.inc(gps_bad)
+        if time_bad:
+            time.inc(time_bad)
+        return records
 
     def _enqueue(
         self, segment: list[Any], records: int, size: int, frame_at: float | None

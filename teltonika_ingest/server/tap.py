@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application import internet, service
@@ -33,6 +33,7 @@ from teltonika_ingest.server.commands.router import CommandRouter
 from teltonika_ingest.server.http import operations_site
 from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
 from teltonika_ingest.server.metrics import Metrics
+from teltonika_ingest.server.models import DeviceModels
 from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.server.publisher import Publisher
 from teltonika_ingest.server.readiness import RedisWriteProbe
@@ -195,6 +196,26 @@ class IngestService(service.MultiService):
                 "or remove --allow-list",
             ) from e
 
+        # --- which model each device is, for --io-names (OPERATIONS.md, "IO catalogue")
+        self.models: DeviceModels | None = None
+        if config.io_names:
+            authority = self.authority
+
+            def file_models() -> Mapping[str, str]:
+                if authority is None or authority.file is None:
+                    return {}
+                return authority.file.models
+
+            self.models = DeviceModels(
+                redis=self.redis,
+                key=config.model_key,
+                file_models=file_models,
+                default=config.default_model,
+                clock=reactor,
+                timeout=config.publish_timeout,
+                on_failure=self.metrics.model_lookup_failures.inc,
+            )
+
         # --- publisher and device listener
         self.publisher = Publisher(
             self.redis,
@@ -205,6 +226,8 @@ class IngestService(service.MultiService):
             clock=reactor,
             instance_id=config.instance_id,
             dlq_max_bytes=config.dlq_max_bytes,
+            time_window_ms=round(config.time_valid_window * 1000),
+            models=self.models,
         )
         self.factory = TeltonikaFactory(
             publisher=self.publisher,
