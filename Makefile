@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean browser
 
 # the compiled hot path is rebuilt when its source changes (a stale .so fails test_fastavl)
 $(STAMP): pyproject.toml setup.py teltonika_ingest/codec/_fastavl.c
@@ -34,7 +34,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check teltonika_ingest tests bench twisted
 	$(BIN)/mypy
 
-test: lint
+# the live page's browser test (tests/test_live_page.py) drives Debian's chromium through
+# chromium-driver; only the test path installs them, never `make run`
+browser:
+	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -201,7 +201,7 @@ def load_hook(spec: str) -> Authorizer:
     target: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         target = getattr(target, part)
-    if not hasattr(target, "authorize") and callable(target):
+    if isinstance(target, type) or (not hasattr(target, "authorize") and callable(target)):
         target = target()
     if not callable(getattr(target, "authorize", None)):
         raise ValueError(f"{spec}: has no authorize(token, info) method")

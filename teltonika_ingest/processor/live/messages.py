@@ -141,28 +141,52 @@ def _to_ms(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
+        return round(value.timestamp() * 1000)
     if isinstance(value, int | float):
         return int(value)
     if isinstance(value, str):
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+        return round(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
     raise TypeError(f"not a time: {value!r}")
 
 
 def _json_ready(value: Any) -> Any:
     if isinstance(value, datetime):
-        return format_timestamp(int(value.timestamp() * 1000))
+        return format_timestamp(round(value.timestamp() * 1000))
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, dict) and any(not isinstance(k, str) for k in value):
+        return {str(k): _json_ready(v) for k, v in value.items()}  # IO ids as keys
     return value
 
 
-def position_from_row(
-    row: Mapping[str, Any], *, entry_ms: int | None = None, snapshot: bool = False
-) -> Position:
-    """A typed position row (the processor's decoded record, or a ``last_positions`` row)
-    → :class:`Position`. ``ts`` and ``received_at`` may be datetimes, ISO 8601 strings or
-    epoch milliseconds; they are sent as ISO 8601 UTC with milliseconds."""
+#: fields of the processor's row that are not part of the message (or have a JSON form)
+_ROW_ONLY = ("entry_id", "attributes_json", "io_json")
+
+
+def _row_fields(row: Any) -> Mapping[str, Any]:
+    if isinstance(row, Mapping):
+        return row
+    fields = attrs.asdict(row, recurse=False)
+    # the processor's PositionRow carries the JSON text of attributes and io (8-byte values
+    # as numbers, buffers as base64): embedded as they are, not serialised again
+    if fields.get("attributes_json") is not None:
+        fields["attributes"] = orjson.Fragment(fields["attributes_json"])
+    if "io_json" in fields:
+        io = fields["io_json"]
+        fields["io"] = None if io is None else orjson.Fragment(io)
+    for key in _ROW_ONLY:
+        fields.pop(key, None)
+    return fields
+
+
+def position_from_row(row: Any, *, entry_ms: int | None = None, snapshot: bool = False) -> Position:
+    """A typed position row → :class:`Position`. ``row`` is a mapping or an attrs instance
+    such as the processor's ``PositionRow`` (``decode_entry``'s result). ``ts`` and
+    ``received_at`` may be datetimes, ISO 8601 strings or epoch milliseconds; they are sent
+    as ISO 8601 UTC with milliseconds."""
+    row = _row_fields(row)
     device_id = str(row["device_id"])
     ts_ms = _to_ms(row["ts"])
     if ts_ms is None:
