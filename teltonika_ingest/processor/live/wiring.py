@@ -1,0 +1,88 @@
+"""How the processor's tap builds its live feed: ``make_live_service(processor)``.
+
+* decoding: the processor's own ``decode_entry`` (one decoder for the durable path and the
+  feed);
+* snapshot: the ``last_positions`` table, read on a connection and thread of the feed's own
+  (``PgWorker`` "pg-live"), so a burst of subscriptions never queues in front of the writer;
+* Redis: the processor's Redis (a connection of the feed's own: ``XREAD BLOCK`` holds it);
+* metrics: the processor's registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg.rows import dict_row
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+
+from teltonika_ingest.processor.decode import decode_entry
+from teltonika_ingest.processor.pg import PgWorker
+
+from .messages import MAX_DEVICES_PER_REQUEST
+from .service import LiveService, LiveSettings
+
+__all__ = ["LastPositions", "make_live_service"]
+
+_COLUMNS = (
+    "device_id, ts, received_at, codec, longitude, latitude, altitude, angle, satellites, "
+    "speed, gps_valid, time_valid"
+)
+
+
+def _select(conn: Any, devices: list[str] | None, limit: int) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        if devices is None:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM last_positions ORDER BY ts DESC LIMIT %s", (limit,)
+            )
+        else:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM last_positions WHERE device_id = ANY(%s)", (devices,)
+            )
+        rows: list[dict[str, Any]] = cur.fetchall()
+    conn.commit()
+    return rows
+
+
+class LastPositions(Service):
+    """``snapshot(devices)`` from ``last_positions`` (None: the newest ``limit`` devices)."""
+
+    name = "live-snapshot"
+
+    def __init__(self, conninfo: str, *, reactor: Any, limit: int = MAX_DEVICES_PER_REQUEST):
+        self._worker = PgWorker(conninfo, reactor=reactor, name="pg-live", statement_timeout=5.0)
+        self.limit = limit
+
+    def __call__(self, devices: frozenset[str] | None) -> Deferred[list[dict[str, Any]]]:
+        wanted = None if devices is None else sorted(devices)
+        return self._worker.run(_select, wanted, self.limit)
+
+    def startService(self) -> None:
+        super().startService()
+        self._worker.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._worker.stop()
+
+
+def make_live_service(processor: Any) -> LiveService:
+    """The live feed of a ``ProcessorService`` (its ``config.live`` is set)."""
+    config = processor.config
+    snapshot = LastPositions(processor.conninfo, reactor=processor.reactor)
+    svc = LiveService(
+        LiveSettings(
+            endpoint=config.live,
+            tokens_file=config.live_tokens,
+            auth_hook=getattr(config, "live_auth_hook", None),
+            stream=config.stream,
+        ),
+        redis_target=processor.redis.target,
+        decode=decode_entry,
+        snapshot=snapshot,
+        registry=processor.metrics.registry,
+        reactor=processor.reactor,
+    )
+    snapshot.setServiceParent(svc)
+    return svc
