@@ -86,16 +86,20 @@ def feed(args: argparse.Namespace) -> int:
             cursor += 1
             if i == 0:
                 step += 1
+            lon = 252_000_000 + (i % 50) * 20_000 + step * 50
+            lat = 546_000_000 + (i // 50) * 20_000 + step * 30
             rec = AvlRecord(
-                timestamp_ms=now_ms, priority=0, longitude=252_000_000 + (i % 50) * 20_000 + step * 50,
-                latitude=546_000_000 + (i // 50) * 20_000 + step * 30, altitude=100, angle=90,
-                satellites=9, speed=40 + i % 30, event_io_id=0, io1={21: 3, 1: 1}, io2={66: 24079},
+                timestamp_ms=now_ms, priority=0, longitude=lon, latitude=lat, altitude=100,
+                angle=90, satellites=9, speed=40 + i % 30, event_io_id=0, io1={21: 3, 1: 1},
+                io2={66: 24079},
             )  # fmt: skip
             payload = record_payload(rec, imeis[i], "8E", received_at)
             args_ = [b"XADD", args.stream.encode(), b"MAXLEN", b"~", b"200000", b"*",
                      b"imei", imeis[i].encode(), b"codec", b"8E", b"ts", b"%d" % now_ms,
                      b"payload", payload]  # fmt: skip
-            cmds.append(b"*%d\r\n" % len(args_) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args_))
+            cmds.append(
+                b"*%d\r\n" % len(args_) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args_)
+            )
         sock.sendall(b"".join(cmds))
         for _ in cmds:
             line = reader.readline()
@@ -269,7 +273,9 @@ def postgres(workdir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def feed_target(args: argparse.Namespace, workdir: Path, redis_port: int) -> Iterator[dict[str, Any]]:
+def feed_target(
+    args: argparse.Namespace, workdir: Path, redis_port: int
+) -> Iterator[dict[str, Any]]:
     port, metrics_port = free_port(), free_port()
     tokens = workdir / "tokens"
     tokens.write_text(f"{TOKEN} *\n")
@@ -369,9 +375,10 @@ def run(args: argparse.Namespace) -> int:
     for n in range(args.repeat):
         workdir = Path(tempfile.mkdtemp(prefix="bench-live-"))
         try:
-            with redis_server(workdir) as (_redis, redis_port), feed_target(
-                args, workdir, redis_port
-            ) as target:
+            with (
+                redis_server(workdir) as (_redis, redis_port),
+                feed_target(args, workdir, redis_port) as target,
+            ):
                 feeder = subprocess.Popen(
                     [PYTHON, "-m", "bench.live", "feed", "--redis-port", str(redis_port),
                      "--devices", str(args.devices), "--rate", str(args.rate),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -93,8 +92,12 @@ async def test_a_client_on_one_instance_sees_what_the_other_processed(
         # a's durable consumer stops: from now on only b writes to PostgreSQL
         await a.svc.consumer.stopService()
         add_many(redis_session, 40, devices=4)
-        await wait_for(lambda: count_rows(pg_url) == 40, timeout=20)
-        assert b.sample("processor_position_writes_total", status="inserted") == 40
+        await wait_for(
+            lambda: b.sample("processor_position_writes_total", status="inserted") == 40,
+            timeout=20,
+        )
+        assert a.sample("processor_position_writes_total", status="inserted") == 0
+        assert count_rows(pg_url) == 40
         await wait_for(lambda: len(client.received) == 41)  # subscribed + 40 positions
         got = sorted((m["device_id"], m["ts"]) for m in client.received[1:])
         stored = sorted(
@@ -133,11 +136,12 @@ async def test_a_stalled_client_is_closed_and_never_slows_the_durable_path(
         (server_side,) = running.svc.live.factory.clients  # type: ignore[union-attr]
         server_side.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         total = 0
-        while running.sample("processor_live_closes_total", code="4001") == 0:
+        while server_side.state == server_side.STATE_OPEN:  # until the feed gives up on it
             assert total < 60_000, "the stalled client was never closed"
-            add_many(redis_session, 2000, devices=2000, start=total)
+            add_many(redis_session, 2000, devices=10_000, start=total)  # distinct devices
             total += 2000
             await deferLater(0.05)
+        await wait_for(lambda: running.sample("processor_live_closes_total", code="4001") == 1)
         # every entry is written, the stalled client notwithstanding
         await wait_for(lambda: count_rows(pg_url) == total, timeout=30)
         assert running.sample("processor_live_positions_dropped_total") > 0

@@ -8,9 +8,11 @@
   durable consumer group, so every instance sees every position;
 * :mod:`.page`     — the self-contained page at ``GET /``;
 * :mod:`.metrics`  — ``processor_live_*``;
-* :mod:`.service`  — :class:`LiveService`, what the processor's tap adds as a child.
+* :mod:`.service`  — :class:`LiveService`, the feed as one service;
+* :mod:`.wiring`   — :func:`make_live_service`, what the processor's tap calls.
 """
 
 from .service import LiveService, LiveSettings
+from .wiring import make_live_service
 
-__all__ = ["LiveService", "LiveSettings"]
+__all__ = ["LiveService", "LiveSettings", "make_live_service"]

@@ -18,7 +18,7 @@ path dead-letters it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,8 +35,9 @@ __all__ = ["BroadcastReader", "DecodeFn"]
 
 log = Logger()
 
-#: ``decode(entry_id, fields)`` → the typed position row (or None: not a position)
-DecodeFn = Callable[[str, dict[str, str]], "Mapping[str, Any] | None"]
+#: ``decode(entry_id, fields)`` → the typed position row (a mapping or an attrs instance
+#: such as the processor's PositionRow), or None: not a position
+DecodeFn = Callable[[str, dict[str, str]], Any]
 
 
 class BroadcastReader(Service):
