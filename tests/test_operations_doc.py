@@ -85,18 +85,23 @@ def test_alert_rules_cover_the_required_conditions() -> None:
 
 
 def processor_metric_names() -> set[str]:
+    """The processor's metrics, its live feed's (``processor_live_*``) included."""
+    from teltonika_ingest.processor.live.metrics import LiveMetrics
     from teltonika_ingest.processor.metrics import ProcessorMetrics
 
+    registry = ProcessorMetrics().registry
+    LiveMetrics.create(registry)
     names = set()
-    for family in ProcessorMetrics().registry.collect():
+    for family in registry.collect():
         if family.name.startswith("processor_"):
             names.add(family.name + "_total" if family.type == "counter" else family.name)
     return names
 
 
 def test_processor_metrics_documented_both_ways() -> None:
-    processor = section("The processor")
-    documented = set(re.findall(r"^\| `(processor_\w+)` \|", processor, re.M))
+    # the live feed's metrics are in its own section
+    tables = section("The processor") + section("Live feed (processor)")
+    documented = set(re.findall(r"^\| `(processor_\w+)` \|", tables, re.M))
     assert documented == processor_metric_names()
     used = set(re.findall(r"\b(processor_[a-z_]+?)(?:_bucket|_count|_sum)?\b", DOC))
     assert used - processor_metric_names() == set()
