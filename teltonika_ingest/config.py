@@ -381,6 +381,54 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "entry cannot flood a device.",
     ),
     OptionSpec(
+        "command-queue-ttl",
+        "TELTONIKA_COMMAND_QUEUE_TTL",
+        "86400",
+        "seconds",
+        "default seconds a queued command (commands:queue) waits for its device before it "
+        "expires (ttl_s overrides; at most 30 days)",
+        why="a day covers a truck's night in a dead zone or a weekend in a depot; a command "
+        "older than that is rarely still wanted (send a longer ttl_s when it is).",
+    ),
+    OptionSpec(
+        "command-queue-attempts",
+        "TELTONIKA_COMMAND_QUEUE_ATTEMPTS",
+        "3",
+        "positive-int",
+        "default deliveries of a queued command without an answer before it fails "
+        "(max_attempts overrides)",
+        why="a delivery lost with a dropped connection is normal on mobile links; three "
+        "unanswered deliveries mean the device does not understand the command.",
+    ),
+    OptionSpec(
+        "command-queue-max-per-device",
+        "TELTONIKA_COMMAND_QUEUE_MAX_PER_DEVICE",
+        "32",
+        "positive-int",
+        "most queued commands per IMEI; further entries are invalid (queue full)",
+        why="devices take one command at a time; a few dozen waiting is already minutes of "
+        "work on a slow link, and a runaway sender cannot fill Redis through one device.",
+    ),
+    OptionSpec(
+        "command-queue-max-total",
+        "TELTONIKA_COMMAND_QUEUE_MAX_TOTAL",
+        "500000",
+        "positive-int",
+        "most queued commands in Redis in all (all devices); further entries are invalid",
+        why="100,000 devices with a few commands each fit; at about 0.6 KB per queued "
+        "command (measured, BENCHMARKS.md) the queue stays under ~310 MB of Redis memory.",
+    ),
+    OptionSpec(
+        "command-queue-sweep-interval",
+        "TELTONIKA_COMMAND_QUEUE_SWEEP_INTERVAL",
+        "5",
+        "seconds",
+        "how often each instance expires due queued commands (one script per page of due "
+        "commands, nothing per queued command)",
+        why="an expired outcome is at most this late; 5 s costs one cheap script call per "
+        "instance when nothing is due.",
+    ),
+    OptionSpec(
         "janitor-interval",
         "TELTONIKA_JANITOR_INTERVAL",
         "60",
@@ -1237,6 +1285,11 @@ class Config:
     results_max_bytes: int = _DEFAULTS["results-max-bytes"]  # 0: entries only
     command_timeout: float = _DEFAULTS["command-timeout"]
     max_command_length: int = _DEFAULTS["max-command-length"]
+    command_queue_ttl: float = _DEFAULTS["command-queue-ttl"]
+    command_queue_attempts: int = _DEFAULTS["command-queue-attempts"]
+    command_queue_max_per_device: int = _DEFAULTS["command-queue-max-per-device"]
+    command_queue_max_total: int = _DEFAULTS["command-queue-max-total"]
+    command_queue_sweep_interval: float = _DEFAULTS["command-queue-sweep-interval"]
     janitor_interval: float = _DEFAULTS["janitor-interval"]
     drain_timeout: float = _DEFAULTS["drain-timeout"]
     shutdown_timeout: float = _DEFAULTS["shutdown-timeout"]

@@ -62,11 +62,36 @@ CONNECTION_LIMITS = ("max_connections", "per_address")
 BUDGETS = ("device_messages", "dead_letters")
 #: the payload's data-quality flags (contract.md section 8): teltonika_records_flagged_total{flag}
 QUALITY_FLAGS = ("gps_valid", "time_valid")
-COMMAND_STATUSES = ("ok", "nack", "timeout", "not_connected", "invalid", "message")
+COMMAND_STATUSES = (
+    "ok",
+    "nack",
+    "timeout",
+    "not_connected",
+    "invalid",
+    "message",
+    "expired",
+    "failed",
+    "cancelled",
+)
 PUBLISH_FAILURE_REASONS = ("unavailable", "timeout", "overflow", "error")
 DEAD_LETTER_REASONS = ("unknown_codec", "malformed")
 UDP_RESULTS = ("ok", "duplicate", "malformed", "rejected", "publish_failed")
 AVL_CODECS = ("8", "8E", "16")
+# From seconds (device online) to days (offline for the whole TTL).
+_QUEUE_DELAY_BUCKETS = (
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    14400.0,
+    86400.0,
+    604800.0,
+)
 
 
 class Metrics:
@@ -260,6 +285,25 @@ class Metrics:
             "teltonika_command_roundtrip_seconds",
             "Time from a command written to a device to its answer.",
             buckets=_COMMAND_BUCKETS,
+            registry=registry,
+        )
+
+        # --- queued commands (commands:queue)
+        self.queue_depth = Gauge(
+            "teltonika_commands_queued",
+            "Queued commands in Redis (all devices, all instances), as of this instance's "
+            "last sweep.",
+            registry=registry,
+        )
+        self.queue_delivered = Counter(
+            "teltonika_commands_delivered_total",
+            "Queued commands written to a device (every attempt).",
+            registry=registry,
+        )
+        self.queue_delay = Histogram(
+            "teltonika_command_queue_delay_seconds",
+            "Time from a command queued to its delivery written to the device.",
+            buckets=_QUEUE_DELAY_BUCKETS,
             registry=registry,
         )
 

@@ -604,6 +604,8 @@ class TeltonikaFactory(Factory):
         self.settings = settings or SessionSettings()
         self.authority = authority
         self.commands = commands
+        #: queued commands (``commands/delivery.py``); told of every accepted handshake
+        self.queue: Any = None
         self.connections: set[TeltonikaProtocol] = set()
         self.by_imei: dict[str, TeltonikaProtocol] = {}
         self.draining = False
@@ -740,22 +742,44 @@ class TeltonikaFactory(Factory):
         if previous is not None and previous is not proto:
             # The device reconnected before its old socket timed out: the old one is stale.
             previous.close("replaced", "the device opened a new connection")
+        queue = self.queue
         if self.registry is not None:
-            self.registry.register(imei)
+            d = self.registry.register(imei)
+            if queue is not None:
+                # after the registry names us: a command queued from then on wakes us, one
+                # queued before is in the queue when we look (no gap between the two)
+                def registered(result: Any) -> Any:
+                    queue.device_accepted(proto)
+                    return result
+
+                defer.maybeDeferred(lambda: d).addBoth(registered)
+        elif queue is not None:
+            queue.device_accepted(proto)
 
     # ------------------------------------------------------------------ commands
 
+    # A handle with a ``sink`` (a queued command's delivery) goes there; others to the router.
+
+    def _sink(self, handle: Any) -> CommandSink | None:
+        return getattr(handle, "sink", None) or self.commands
+
     def command_sink_sent(self, handle: Any, proto: TeltonikaProtocol) -> None:
-        if self.commands is not None:
-            self.commands.sent(handle, proto)
+        sink = self._sink(handle)
+        if sink is not None:
+            sink.sent(handle, proto)
 
     def command_sink_answered(self, handle: Any, message: CommandMessage) -> None:
-        if self.commands is not None:
-            self.commands.answered(handle, message)
+        sink = self._sink(handle)
+        if sink is not None:
+            sink.answered(handle, message)
 
     def command_sink_abandon(self, handles: tuple[Any, ...]) -> None:
-        if self.commands is not None:
-            self.commands.abandoned(handles)
+        by_sink: dict[Any, list[Any]] = {}
+        for handle in handles:
+            by_sink.setdefault(self._sink(handle), []).append(handle)
+        for sink, group in by_sink.items():
+            if sink is not None:
+                sink.abandoned(tuple(group))
 
     def command_sink_message(self, imei: str, message: CommandMessage, unsolicited: bool) -> None:
         if self.commands is not None:

@@ -29,6 +29,8 @@ from teltonika_ingest.redis.embedded import EmbeddedRedisError
 from teltonika_ingest.server import startup
 from teltonika_ingest.server.authority import build_authority, install_sighup
 from teltonika_ingest.server.budget import WINDOW_S, RepeatLimiter
+from teltonika_ingest.server.commands.delivery import QueuedCommands, QueueSettings
+from teltonika_ingest.server.commands.queue import MAX_TTL_S
 from teltonika_ingest.server.commands.router import CommandRouter
 from teltonika_ingest.server.http import operations_site
 from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
@@ -278,6 +280,25 @@ class IngestService(service.MultiService):
             results_max_bytes=config.results_max_bytes,
         )
         self.commands.setServiceParent(self)
+        # --- queued commands (commands:queue; its own Redis connection for the blocking reads)
+        self.queue = QueuedCommands(
+            self.factory,
+            target=target,
+            writer=self.redis,
+            instance_id=config.instance_id,
+            reactor=reactor,
+            settings=QueueSettings(
+                default_ttl=min(config.command_queue_ttl, MAX_TTL_S),
+                default_attempts=config.command_queue_attempts,
+                max_per_device=config.command_queue_max_per_device,
+                max_total=config.command_queue_max_total,
+                sweep_interval=config.command_queue_sweep_interval,
+                default_timeout=config.command_timeout,
+                max_command_length=config.max_command_length,
+                results_max_bytes=config.results_max_bytes,
+            ),
+        )
+        self.queue.setServiceParent(self)
 
         self.udp: UdpListener | None = None
         self.udp_service: service.Service | None = None
@@ -491,6 +512,7 @@ class IngestService(service.MultiService):
         self.readiness_probe.stopService()
         await self.listener.stopService()
         await self.commands.stopService()
+        await self.queue.stopService()
         log.info("shutdown: 2/6 drain in-flight publishes (up to {t} s)", t=config.drain_timeout)
         self.factory.stop_reading()
         held = self.factory.held_imeis()
@@ -514,6 +536,7 @@ class IngestService(service.MultiService):
                 if proto.transport is not None:
                     proto.transport.abortConnection()  # type: ignore[attr-defined]
         await self.commands.drain(timeout=5.0)
+        await self.queue.drain(timeout=5.0)
         if self.udp_service is not None:
             await self.udp_service.stopService()
         log.info("shutdown: 4/6 unregister {n} IMEIs and the heartbeat key", n=len(held))
