@@ -4,17 +4,18 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TOOLS  := $(VENV)/.test-tools
 
 .PHONY: run test lint bench clean browser
 
-# the compiled hot path is rebuilt when its source changes (a stale .so fails test_fastavl)
+# The run path installs nothing outside .venv (no apt-get; works as any user). The compiled
+# hot path is rebuilt when its source changes (a stale .so fails test_fastavl).
 $(STAMP): pyproject.toml setup.py teltonika_ingest/codec/_fastavl.c
-	# systemd-analyze checks the shipped unit files (tests/test_deploy.py)
-	command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	# compat mode: Twisted's plugin scan must see twisted/plugins (see OPERATIONS.md)
-	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	# editable: a .pth naming the project root (pyproject's package-dir), so Twisted's plugin
+	# scan sees twisted/plugins (OPERATIONS.md)
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	touch $(STAMP)
 
@@ -39,7 +40,27 @@ lint: $(STAMP)
 browser:
 	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
-test: lint browser
+# Tools only the tests need, from Debian packages, on the test path only (never `make run`):
+# systemd-analyze (unit files), docker-compose (compose.yaml: `docker-compose config`), and
+# promtool (alert rules), taken out of the `prometheus` package into .venv/bin so that no
+# Prometheus server is installed or started. Each is fetched only when missing.
+$(TOOLS): $(STAMP)
+	@need=""; promtool=""; \
+	command -v systemd-analyze >/dev/null 2>&1 || need="$$need systemd"; \
+	command -v docker-compose >/dev/null 2>&1 || need="$$need docker-compose"; \
+	test -x $(BIN)/promtool || command -v promtool >/dev/null 2>&1 || promtool=yes; \
+	if [ -n "$$need$$promtool" ]; then apt-get update -qq; fi; \
+	if [ -n "$$need" ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+	fi; \
+	if [ -n "$$promtool" ]; then \
+	    d=$$(mktemp -d) && chmod 777 $$d && (cd $$d && apt-get download -qq prometheus) && \
+	    dpkg-deb -x $$d/prometheus_*.deb $$d/x && install -m 755 $$d/x/usr/bin/promtool $(BIN)/promtool && \
+	    rm -rf $$d; \
+	fi
+	touch $@
+
+test: lint browser $(TOOLS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -149,13 +149,16 @@ def test_wheel_carries_the_plugin_but_not_twisted_plugins_init(tmp_path: Path) -
                 )
             else:
                 shutil.copy(ROOT / part, src / part)
-    subprocess.run(
+    built = subprocess.run(
         [BIN / "python", "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "-w", tmp_path / "dist", src],
         check=True,
         capture_output=True,
+        text=True,
         timeout=300,
     )  # fmt: skip
+    # our packaging triggers no deprecation warnings (license as SPDX text, no compat mode)
+    assert "deprecat" not in (built.stdout + built.stderr).lower(), built.stderr
     [wheel] = (tmp_path / "dist").glob("teltonika_ingest-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/teltonika_ingest_plugin.py" in names
