@@ -1,5 +1,5 @@
 """Plugin discovery traps (pitfalls.md): the wheel carries twisted/plugins without an
-__init__.py, and twistd in this (editable: a .pth naming the project root) install lists the plugin."""
+__init__.py, and twistd in this editable install (a .pth naming the project root) lists it."""
 
 from __future__ import annotations
 
