@@ -9,7 +9,8 @@ comparison is two checkouts run alternately in fresh processes, e.g.::
         (cd ../after && .venv/bin/python -m bench.compiled_ab); done
 
 Works with the payload API before issue 14 (``payloads_from_parts``, no flags) and after it
-(``payloads_and_flags`` with the frame's ``time_limit``, what the publisher calls).
+(``payloads_and_flags`` with the frame's ``time_limit_ms``, what the publisher calls; a new
+receive time per frame, as in the service).
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ def main() -> int:
         print("the compiled path is not built")
         return 1
     data = encode_avl_frame(make_packet("8E"))[8:-4]
-    received_at = format_timestamp(1_700_000_000_123)
+    clock = iter(range(1_700_000_000_123, 1 << 62))  # a new millisecond per frame
     if hasattr(payload, "payloads_and_flags"):
-        build, limit_of = payload.payloads_and_flags, payload.time_limit
+        build = payload.payloads_and_flags
+        limit_of = getattr(payload, "time_limit_ms", None)
 
         def one() -> object:
-            return build(IMEI, received_at, compiled(data)[2], limit_of(received_at, 600_000))
+            now = next(clock)
+            received_at = format_timestamp(now)
+            limit = limit_of(now, 600_000) if limit_of else None
+            return build(IMEI, received_at, compiled(data)[2], limit)
     else:  # before issue 14
         old = payload.payloads_from_parts
 
         def one() -> object:
-            return old(IMEI, received_at, compiled(data)[2])
+            return old(IMEI, format_timestamp(next(clock)), compiled(data)[2])
 
     frames = 5000
     rounds = []

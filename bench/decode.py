@@ -46,7 +46,7 @@ from teltonika_ingest.codec import (
     format_timestamp,
     record_payload,
 )
-from teltonika_ingest.codec.payload import payloads_and_flags, time_limit
+from teltonika_ingest.codec.payload import payloads_and_flags, time_limit_ms
 
 RECORDS_PER_FRAME = 10
 GROUP_SIZES = {1: 8, 2: 7, 4: 5, 8: 3}  # 23 IO elements
@@ -167,7 +167,7 @@ def cases() -> list[tuple[str, Callable[[], object], int]]:
         data_8e = frame_8e[8:-4]
 
         def compiled_payloads() -> None:
-            limit = time_limit(received_at)
+            limit = time_limit_ms(1_700_000_000_123)
             payloads_and_flags("356307042441013", received_at, compiled(data_8e)[2], limit)
 
         out.append(("to payloads 8E, compiled", compiled_payloads, RECORDS_PER_FRAME))
@@ -178,7 +178,7 @@ def cases() -> list[tuple[str, Callable[[], object], int]]:
 
     def named_payloads() -> None:
         packet = decode_avl_frame(frame_8e)
-        limit = time_limit(received_at)
+        limit = time_limit_ms(1_700_000_000_123)
         for record in packet.records:
             record_payload(
                 record, "356307042441013", "8E", received_at, limit=limit,

@@ -241,3 +241,11 @@ def test_payloads_and_flags_counts():
     assert (gps_bad, time_bad) == (2, 2)
     assert [orjson.loads(p)["time_valid"] for p in flat[1::2]] == [True, True, False, False]
     assert [orjson.loads(p)["gps_valid"] for p in flat[1::2]] == [True, False, True, False]
+
+
+def test_time_limit_from_ms_equals_the_parsed_one():
+    from teltonika_ingest.codec.payload import time_limit_ms
+
+    for ms in (0, 1_795_341_600_123, 253_402_300_799_999 - 5):
+        for window in (0, 1, 600_000):
+            assert time_limit_ms(ms, window) == time_limit(format_timestamp(ms), window)

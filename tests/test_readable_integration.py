@@ -4,6 +4,8 @@ path), counted in teltonika_records_flagged_total and never dropping a record.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,6 +159,17 @@ def named_record() -> AvlPacket:
 
 
 RAW = {"239": 1, "113": 87, "66": 12520, "17": 64555, "65000": 7}
+SCRIPT = Path(sys.executable).parent / "teltonika-ingest"
+
+
+def cli_io(*args: str) -> dict:
+    out = subprocess.run(
+        [str(SCRIPT), "decode", *args], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    (line,) = out.splitlines()
+    payload = orjson.loads(line)
+    assert payload["attributes"] == RAW
+    return payload["io"]
 
 
 async def named_payload(running, redis_proc: RedisProcess, imei: str) -> dict:
@@ -208,6 +221,13 @@ async def test_io_names_per_model_from_every_source(
         unknown = await named_payload(running, redis_proc, UNKNOWN_IMEI)
         assert unknown == {"ignition": {"id": 239, "value": 1, "text": "Ignition On"}}
         assert running.sample("teltonika_model_lookup_failures_total") == 0
+
+        # `decode --names` names the same frame as the stream does, model for model
+        frame = encode_avl_frame(named_record()).hex()
+        for model, streamed in (("TAT100", tat), ("FMB640", fmx640), ("FMB920", fmb920)):
+            decoded = cli_io("--names", "--model", model, frame)
+            assert decoded == streamed, model
+        assert cli_io("--names", frame) == unknown
     finally:
         await running.svc.stopService()
 

@@ -46,6 +46,7 @@ __all__ = [
     "record_dict",
     "record_payload",
     "time_limit",
+    "time_limit_ms",
     "time_valid",
 ]
 
@@ -105,6 +106,12 @@ def time_limit(received_at: str, window_ms: int = DEFAULT_TIME_WINDOW_MS) -> str
             _LIMIT_CACHE.clear()
         _LIMIT_CACHE[key] = limit
     return limit
+
+
+def time_limit_ms(received_ms: int, window_ms: int = DEFAULT_TIME_WINDOW_MS) -> str:
+    """:func:`time_limit` from the receive time in ms (what the publisher has): one
+    :func:`format_timestamp`, no parsing."""
+    return format_timestamp(min(received_ms + window_ms, _MAX_MS))
 
 
 def gps_valid(record: AvlRecord) -> bool:

@@ -30,7 +30,7 @@ from teltonika_ingest.codec.payload import (
     DEFAULT_TIME_WINDOW_MS,
     gps_valid,
     payloads_and_flags,
-    time_limit,
+    time_limit_ms,
     time_valid,
 )
 from teltonika_ingest.redis.client import (
@@ -227,7 +227,7 @@ class Publisher:
     ) -> defer.Deferred[int]:
         codec = packet.codec
         received_at = format_timestamp(received_ms)
-        limit = time_limit(received_at, self.time_window_ms)
+        limit = time_limit_ms(received_ms, self.time_window_ms)
         records = packet.records
         segment: list[Any] = [imei, codec, len(records)]
         size = 0
@@ -259,7 +259,7 @@ class Publisher:
             return self.publish(imei, frame.packet, received_ms, frame_at)
         received_at = format_timestamp(received_ms)
         flat, gps_bad, time_bad = payloads_and_flags(
-            imei, received_at, parts, time_limit(received_at, self.time_window_ms)
+            imei, received_at, parts, time_limit_ms(received_ms, self.time_window_ms)
         )
         count = frame.record_count
         segment: list[Any] = [imei, frame.codec, count, *flat]
