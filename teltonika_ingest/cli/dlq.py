@@ -127,7 +127,6 @@ def _received_ms(received_at: str) -> int:
 async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from teltonika_ingest.codec import AVL_CODECS, CodecError, decode_avl_frame
     from teltonika_ingest.server.metrics import Metrics
     from teltonika_ingest.server.publisher import Publisher
 
@@ -141,21 +140,52 @@ async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
         clock=reactor,
         instance_id="dlq-replay",
     )
-    replayed = still_failing = skipped = 0
-    for entry_id, fields in await _entries(client, dlq, args.count):
+    from teltonika_ingest.cli.progress import Progress
+
+    entries = await _entries(client, dlq, args.count)
+    counts = [0, 0, 0]
+    progress = Progress("dlq replay: entries")
+    try:
+        await _replay_entries(client, publisher, dlq, entries, args, progress, counts)
+    finally:
+        progress.close()
+    replayed, still_failing, skipped = counts
+    verb = "would replay" if args.dry_run else "replayed"
+    print(
+        f"{PROG}: {verb} {replayed}, still failing {still_failing}, skipped {skipped}",
+        file=sys.stderr,
+    )
+    sys.stdout.flush()
+    return 0 if still_failing == 0 else 2
+
+
+async def _replay_entries(
+    client: Any,
+    publisher: Any,
+    dlq: str,
+    entries: list[tuple[str, dict[str, str]]],
+    args: argparse.Namespace,
+    progress: Any,
+    counts: list[int],
+) -> None:
+    """Replay ``entries``; ``counts``: replayed, still failing, skipped (updated as it goes)."""
+    from teltonika_ingest.codec import AVL_CODECS, CodecError, decode_avl_frame
+
+    for done, (entry_id, fields) in enumerate(entries):
+        progress.update(done, len(entries))
         imei = fields.get("imei", "")
         try:
             raw = base64.b64decode(fields.get("raw_b64", ""), validate=True)
             packet = decode_avl_frame(raw)
         except (CodecError, ValueError) as e:
-            still_failing += 1
+            counts[1] += 1
             _emit({"entry_id": entry_id, "imei": imei, "result": "still_failing", "reason": str(e)})
             continue
         if packet.codec not in AVL_CODECS:  # pragma: no cover - decode_avl_frame ensures it
-            skipped += 1
+            counts[2] += 1
             continue
         if args.dry_run:
-            replayed += 1
+            counts[0] += 1
             _emit(
                 {"entry_id": entry_id, "imei": imei, "result": "would_replay",
                  "codec": packet.codec, "records": len(packet.records)}
@@ -168,15 +198,9 @@ async def _replay(client: Any, stream: str, args: argparse.Namespace) -> int:
         await publisher.publish(imei, packet, received)
         if not args.keep:
             await client.execute("XDEL", dlq, entry_id)
-        replayed += 1
+        counts[0] += 1
         _emit(
             {"entry_id": entry_id, "imei": imei, "result": "replayed", "codec": packet.codec,
              "records": len(packet.records)}
         )  # fmt: skip
-    verb = "would replay" if args.dry_run else "replayed"
-    print(
-        f"{PROG}: {verb} {replayed}, still failing {still_failing}, skipped {skipped}",
-        file=sys.stderr,
-    )
-    sys.stdout.flush()
-    return 0 if still_failing == 0 else 2
+    progress.update(len(entries), len(entries), final=True)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    from teltonika_ingest.cli.helptext import finish
+
+    finish(parser)  # plain text, every default shown, examples at the end of each --help
     return parser
 
 

@@ -1,9 +1,9 @@
 """``teltonika-ingest verify ACKLOG...``: check that no ACKed record is missing from the stream.
 
-Reads one or more ACK logs (what devices were ACKed: JSON lines ``{"imei": ..., "ts": ...}`` or
-CSV ``imei,ts``; see ``teltonika_ingest/sim/invariant.py`` for the format; ``teltonika-ingest
-simulate --ack-log FILE`` writes one) and the telemetry stream (``XRANGE`` in batches), and
-reports:
+Reads one or more ACK logs (what devices were ACKed: JSON lines ``{"imei": ..., "ts": ...}``,
+``ts`` a number or a list, with the ACK time ``at`` in ms that ``--since`` reads; or CSV
+``imei,ts``; ``teltonika-ingest simulate --ack-log FILE`` writes one) and the telemetry
+stream (``XRANGE`` in batches), and reports:
 
   missing      ACKed records not in the stream: must be 0 (exit status 2 otherwise)
   duplicates   extra copies of a record in the stream: allowed (resend after a lost ACK)
@@ -11,6 +11,8 @@ reports:
 
 A stream trimmed by ``--stream-maxlen`` (or XDEL) loses old entries by design: the report
 says so when Redis shows entries were removed, so that trimming is not mistaken for loss.
+
+On a terminal, stderr shows how far the stream has been read.
 
 Exit status: 0 nothing missing, 2 records missing, 1 error (unreadable log, no Redis).
 """
@@ -22,6 +24,7 @@ import os
 import sys
 from typing import Any
 
+from teltonika_ingest.cli.progress import Progress
 from teltonika_ingest.redis.blocking import CliError, add_redis_arguments, redis_target
 
 PROG = "teltonika-ingest verify"
@@ -84,14 +87,19 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError(f"--since: not a time: {args.since!r}") from None
         target = redis_target(args)
         stream = args.stream or os.environ.get("REDIS_TELEMETRY_STREAM") or DEFAULT_STREAM
-        report = verify(
-            target,
-            args.ack_logs,
-            stream=stream,
-            batch=args.batch,
-            since_ms=since,
-            sample=max(0, args.show),
-        )
+        progress = Progress("verify: stream entries read")
+        try:
+            report = verify(
+                target,
+                args.ack_logs,
+                stream=stream,
+                batch=args.batch,
+                since_ms=since,
+                sample=max(0, args.show),
+                progress=progress.update,
+            )
+        finally:
+            progress.close()
     except CliError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

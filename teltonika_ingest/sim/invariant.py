@@ -44,7 +44,7 @@ import socket
 import sys
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -392,10 +392,13 @@ def read_stream(
     start: str = "-",
     end: str = "+",
     index: StreamIndex | None = None,
+    progress: Callable[..., object] | None = None,
 ) -> StreamIndex:
-    """Read the whole stream (``start``..``end`` ids) in ``XRANGE ... COUNT batch`` steps."""
+    """Read the whole stream (``start``..``end`` ids) in ``XRANGE ... COUNT batch`` steps;
+    ``progress(entries_read, stream_length)`` after each batch, if given."""
     out = index if index is not None else StreamIndex()
     cursor = start
+    total = int(client.execute("XLEN", key)) if progress is not None else None
     while True:
         reply = client.execute("XRANGE", key, cursor, end, "COUNT", batch)
         if not reply:
@@ -414,6 +417,8 @@ def read_stream(
         if out.first_id is None:
             out.first_id = first
         out.last_id = _text(reply[-1][0])
+        if progress is not None:
+            progress(out.entries, total)
         if len(reply) < batch:
             break
         cursor = "(" + out.last_id
@@ -551,12 +556,14 @@ def verify(
     batch: int = DEFAULT_BATCH,
     since_ms: int | None = None,
     sample: int = 20,
+    progress: Callable[..., object] | None = None,
 ) -> Report:
-    """Read the ACK logs and the stream at ``target``; return the :class:`Report`."""
+    """Read the ACK logs and the stream at ``target``; return the :class:`Report`.
+    ``progress``: see :func:`read_stream`."""
     started = time.perf_counter()
     log = ack_logs if isinstance(ack_logs, AckLog) else read_ack_log(ack_logs, since_ms=since_ms)
     with SyncRedis(target) as client:
-        index = read_stream(client, stream, batch=batch)
+        index = read_stream(client, stream, batch=batch, progress=progress)
     report = compare(log, index, sample=sample)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
