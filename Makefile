@@ -23,10 +23,15 @@ $(STAMP): pyproject.toml setup.py teltonika_ingest/codec/_fastavl.c
 # embedded PostgreSQL) sharing that Redis. Ctrl-C stops both (each drains first).
 # ARGS go to the ingest, PROCESSOR_ARGS to the processor; set REDIS_URL to use another Redis.
 PROCESSOR_ARGS ?=
+# The live page is on in the local pipeline (127.0.0.1:9091), with a random token made once
+# in var/live-tokens.
+LIVE_ARGS ?= --live tcp:9091:interface=127.0.0.1 --live-tokens var/live-tokens
 run: $(STAMP)
 	mkdir -p var
+	test -s var/live-tokens || { umask 077; echo "dev-$$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n') *" > var/live-tokens; }
+	@echo "live page: http://127.0.0.1:9091/?token=$$(cut -d' ' -f1 var/live-tokens)"
 	$(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
-	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(PROCESSOR_ARGS) & processor=$$!; \
+	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(LIVE_ARGS) $(PROCESSOR_ARGS) & processor=$$!; \
 	trap 'kill -TERM $$processor 2>/dev/null; wait $$processor' EXIT; \
 	$(BIN)/twistd -n --pidfile=var/ingest.pid teltonika-ingest $(ARGS)
 

@@ -618,6 +618,14 @@ PROCESSOR_OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "file of live-feed tokens, 'TOKEN IMEI[,IMEI...]' or 'TOKEN *' one a line; empty = no file",
     ),
     OptionSpec(
+        "live-auth-hook",
+        "PROCESSOR_LIVE_AUTH_HOOK",
+        "",
+        "hook",
+        "external authorisation for live-feed tokens the file does not know: "
+        "package.module:attribute (OPERATIONS.md, Live feed); empty = none",
+    ),
+    OptionSpec(
         "batch-size",
         "PROCESSOR_BATCH_SIZE",
         "1000",
@@ -834,6 +842,15 @@ def _parse_optional_key(text: str) -> str | None:
     return _no_space(text, "Redis key") if text else None
 
 
+def _parse_hook(text: str) -> str | None:
+    """``package.module:attribute`` (imported when the service is built); empty = none."""
+    if not text:
+        return None
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
+        raise _Invalid(f"expected package.module:attribute, got {text!r}")
+    return text
+
+
 def _parse_model(text: str) -> str | None:
     """A device model the IO catalogue knows, in its spelling; empty = none."""
     if not text:
@@ -952,6 +969,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "seconds-or-zero": _parse_seconds_or_zero,
     "instance-id": _parse_instance_id,
     "model": _parse_model,
+    "hook": _parse_hook,
     "log-format": _choice(LOG_FORMATS),
     "log-level": _choice(LOG_LEVELS, {"warning": "warn"}),
     "bool": _parse_bool,
@@ -1372,6 +1390,7 @@ class ProcessorConfig:
     metrics: str = _PROCESSOR_DEFAULTS["metrics"]
     live: str | None = _PROCESSOR_DEFAULTS["live"]  # None: no live feed
     live_tokens: str | None = _PROCESSOR_DEFAULTS["live-tokens"]
+    live_auth_hook: str | None = _PROCESSOR_DEFAULTS["live-auth-hook"]
     batch_size: int = _PROCESSOR_DEFAULTS["batch-size"]
     block_time: float = _PROCESSOR_DEFAULTS["block-time"]
     claim_idle: float = _PROCESSOR_DEFAULTS["claim-idle"]

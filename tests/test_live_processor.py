@@ -7,11 +7,14 @@ from __future__ import annotations
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.python import usage
 
 from teltonika_ingest.processor.live import LiveService
+from teltonika_ingest.processor.live.access import Access
 
 from device import deferLater, wait_for
 from livefeed import FeedClient, connect, free_tcp_port, write_tokens
@@ -23,6 +26,7 @@ from procsupport import (
     count_rows,
     device_id,
     payload,
+    processor_args,
     query,
     spawn_processor,
     start_processor,
@@ -204,3 +208,47 @@ async def test_sigterm_closes_clients_with_going_away(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+class SsoHook:
+    """What ``--live-auth-hook test_live_processor:SsoHook`` loads (a class: instantiated)."""
+
+    def authorize(self, token: str | None, info: Any) -> Access | None:
+        return Access(frozenset({OTHER})) if token == "from-sso" else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_hook_option(redis_session: RedisProcess, pg_url: str, tmp_path: Path) -> None:
+    running, port = await start_with_live(
+        redis_session, pg_url, tmp_path, "--live-auth-hook", "test_live_processor:SsoHook",
+        tokens={"local": IMEI},
+    )  # fmt: skip
+    try:
+        sso = await connect(port, "from-sso")
+        sso.send_json({"type": "subscribe", "devices": "*"})
+        assert (await sso.expect("subscribed"))["devices"] == [OTHER]
+        local = await connect(port, "local")  # the file still answers for its tokens
+        local.send_json({"type": "subscribe", "devices": "*"})
+        assert (await local.expect("subscribed"))["devices"] == [IMEI]
+        refused = await connect(port, "neither")
+        assert (await refused.wait_closed())[0] == 1008
+    finally:
+        await running.svc.stopService()
+
+
+def test_bad_token_file_or_hook_is_a_start_up_error(
+    redis_session: RedisProcess, pg_url: str, tmp_path: Path
+) -> None:
+    from teltonika_ingest.config import ProcessorConfig
+    from teltonika_ingest.processor.tap import ProcessorService
+
+    bad = tmp_path / "tokens"
+    bad.write_text(f"ok {IMEI}\nbroken 12345\n")
+    args = ["--live", "tcp:0", "--live-tokens", str(bad)]
+    config = ProcessorConfig.from_args(processor_args(redis_session, pg_url, *args), environ={})
+    with pytest.raises(usage.UsageError, match=r"--live-tokens: .* line 2: not an IMEI"):
+        ProcessorService(config)
+    args = ["--live", "tcp:0", "--live-auth-hook", "no_such_module_here:Hook"]
+    config = ProcessorConfig.from_args(processor_args(redis_session, pg_url, *args), environ={})
+    with pytest.raises(usage.UsageError, match="--live-auth-hook: ModuleNotFoundError"):
+        ProcessorService(config)

@@ -78,6 +78,7 @@ def test_the_ingest_section_is_not_the_processors(tmp_path: Path) -> None:
         (["--batch-size", "0"], "--batch-size: expected a whole number >= 1"),
         (["--drain-timeout", "40"], "--shutdown-timeout: must be greater than --drain-timeout"),
         (["--live-tokens", "/nonexistent"], "--live-tokens: no such file"),
+        (["--live-auth-hook", "just_a_module"], "--live-auth-hook: expected package.module:"),
     ],
 )
 def test_invalid_values(tmp_path: Path, argv: list[str], message: str) -> None:
@@ -101,6 +102,8 @@ def test_unix_socket_url_and_live_endpoint(tmp_path: Path) -> None:
     )
     assert config.database_url == "postgresql:///teltonika?host=/run/pg"
     assert config.live == "tcp:9091"
+    hooked = load(tmp_path, "--live-auth-hook", "sso.live:Authorizer")
+    assert hooked.live_auth_hook == "sso.live:Authorizer" and config.live_auth_hook is None
 
 
 def test_shipped_processor_conf_and_reference_are_generated() -> None:

@@ -15,10 +15,12 @@ from typing import Any
 from psycopg.rows import dict_row
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.python import usage
 
 from teltonika_ingest.processor.decode import decode_entry
 from teltonika_ingest.processor.pg import PgWorker
 
+from .access import TokenFileError, load_hook
 from .messages import MAX_DEVICES_PER_REQUEST
 from .service import LiveService, LiveSettings
 
@@ -68,14 +70,20 @@ class LastPositions(Service):
 
 
 def make_live_service(processor: Any) -> LiveService:
-    """The live feed of a ``ProcessorService`` (its ``config.live`` is set)."""
+    """The live feed of a ``ProcessorService`` (its ``config.live`` is set). A token file
+    with a bad line, or a hook that cannot be imported, is a one-line ``UsageError``."""
     config = processor.config
+    hook = None
+    if config.live_auth_hook:
+        try:
+            hook = load_hook(config.live_auth_hook)
+        except Exception as e:
+            raise usage.UsageError(f"--live-auth-hook: {e!r}") from None
     snapshot = LastPositions(processor.conninfo, reactor=processor.reactor)
     svc = LiveService(
         LiveSettings(
             endpoint=config.live,
             tokens_file=config.live_tokens,
-            auth_hook=getattr(config, "live_auth_hook", None),
             stream=config.stream,
         ),
         redis_target=processor.redis.target,
@@ -83,6 +91,12 @@ def make_live_service(processor: Any) -> LiveService:
         snapshot=snapshot,
         registry=processor.metrics.registry,
         reactor=processor.reactor,
+        hook=hook,
     )
+    if svc.tokens is not None:
+        try:
+            svc.tokens.load()  # again at start (and on SIGHUP); here for a clear start-up error
+        except (OSError, UnicodeDecodeError, TokenFileError) as e:
+            raise usage.UsageError(f"--live-tokens: {e}") from None
     snapshot.setServiceParent(svc)
     return svc
