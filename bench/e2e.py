@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from teltonika_ingest.codec import format_timestamp, record_payload
+from teltonika_ingest.redis.resp import encode_command
 from teltonika_ingest.sim.traffic import build_packet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,9 +182,7 @@ def _wait_tcp(port: int, proc: subprocess.Popen[Any], timeout: float, what: str)
 
 
 def _redis_cmd(port: int, *args: str) -> bytes:
-    payload = b"*%d\r\n" % len(args) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
-    )
+    payload = encode_command(args)
     with socket.create_connection(("127.0.0.1", port), 5) as s:
         s.sendall(payload)
         return s.recv(65536)

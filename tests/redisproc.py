@@ -23,6 +23,8 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from teltonika_ingest.redis.resp import encode_command
+
 _READY_POLL_S = 0.02
 
 
@@ -52,21 +54,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _encode(args: Iterable[Any]) -> bytes:
-    parts = []
-    n = 0
-    for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        else:
-            b = str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        n += 1
-    return b"*%d\r\n" % n + b"".join(parts)
-
-
 class RespClient:
     """Minimal blocking RESP2 client: ``cmd(*args)`` returns the decoded reply.
 
@@ -91,13 +78,13 @@ class RespClient:
         self._file = self._sock.makefile("rb")
 
     def cmd(self, *args: Any) -> Any:
-        self._sock.sendall(_encode(args))
+        self._sock.sendall(encode_command(args))
         return self._read()
 
     def pipeline(self, commands: Iterable[Iterable[Any]]) -> list[Any]:
         """Send many commands in one write, then read every reply (errors as values)."""
         cmds = list(commands)
-        self._sock.sendall(b"".join(_encode(c) for c in cmds))
+        self._sock.sendall(b"".join(encode_command(c) for c in cmds))
         out: list[Any] = []
         for _ in cmds:
             try:

@@ -21,8 +21,8 @@ from teltonika_ingest.redis.client import (
     RedisTimeout,
     RedisUnavailable,
     Script,
-    _encode,
 )
+from teltonika_ingest.redis.resp import encode_command
 
 from redisproc import RedisProcess
 
@@ -76,11 +76,11 @@ def test_script_sha1() -> None:
     assert GET_SCRIPT.sha1 == hashlib.sha1(GET_SCRIPT.source.encode()).hexdigest()
 
 
-def test_encode() -> None:
-    assert _encode(("SET", b"k\x00", 7, 0.1, "é")) == (
+def testencode_command() -> None:
+    assert encode_command(("SET", b"k\x00", 7, 0.1, "é")) == (
         b"*5\r\n$3\r\nSET\r\n$2\r\nk\x00\r\n$1\r\n7\r\n$3\r\n0.1\r\n$2\r\n\xc3\xa9\r\n"
     )
-    assert _encode((25.2793217,)).endswith(b"25.2793217\r\n")  # not rounded to 6 places
+    assert encode_command((25.2793217,)).endswith(b"25.2793217\r\n")  # not rounded to 6 places
 
 
 def test_target_required() -> None:

@@ -54,6 +54,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from teltonika_ingest.redis.resp import encode_command
+
 __all__ = [
     "RedisClient",
     "RedisError",
@@ -124,25 +126,6 @@ def describe_target(target: RedisTargetLike) -> str:
     """Where a target points, for logs (never includes the password)."""
     where = f"unix:{target.unix_path}" if target.unix_path else f"{target.host}:{target.port}"
     return f"{where}/{target.db}" if target.db else where
-
-
-def _encode(args: Sequence[Any]) -> bytes:
-    """One command in RESP. str as UTF-8, int and float as decimal text (float
-    with full precision, unlike txredisapi's 6 decimals), anything else via str()."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            b = a.encode()
-        elif isinstance(a, bytes):
-            b = a
-        elif isinstance(a, int) and not isinstance(a, bool):
-            b = b"%d" % a
-        elif isinstance(a, float):
-            b = repr(a).encode()
-        else:
-            b = str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
 
 
 def _unwrap(reply: Any) -> Any:
@@ -346,7 +329,7 @@ class RedisClient(Service):
         ``RedisTimeout`` (no reply within ``timeout``, default ``command_timeout``)
         or ``RedisReplyError``."""
         try:
-            data = _encode(args)
+            data = encode_command(args)
         except Exception as e:  # an argument that can't be encoded: nothing was sent
             return defer.fail(e)
         return self._send(data, 0, self._unwrap, timeout)
@@ -361,7 +344,7 @@ class RedisClient(Service):
         command in it failed (the others were applied: Redis has no rollback)."""
         try:
             # built before anything is written: a failure leaves no MULTI behind
-            data = b"".join([_MULTI, *[_encode(c) for c in commands], _EXEC])
+            data = b"".join([_MULTI, *[encode_command(c) for c in commands], _EXEC])
         except Exception as e:
             return defer.fail(e)
         # the replies to MULTI and the QUEUED ones are skipped: EXEC's says it all

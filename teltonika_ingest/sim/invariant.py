@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from teltonika_ingest.redis.client import RedisTargetLike
+from teltonika_ingest.redis.resp import encode_command
 
 __all__ = [
     "AckLog",
@@ -272,16 +273,6 @@ class SyncRedisError(Exception):
     """Redis answered with an error, or the connection failed."""
 
 
-def _encode(args: Iterable[Any]) -> bytes:
-    parts = []
-    count = 0
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        count += 1
-    return b"*%d\r\n" % count + b"".join(parts)
-
-
 class SyncRedis:
     """A minimal blocking Redis client (RESP2 via hiredis): enough to read a stream.
 
@@ -311,7 +302,7 @@ class SyncRedis:
             self.execute("SELECT", target.db)
 
     def execute(self, *args: Any) -> Any:
-        self._sock.sendall(_encode(args))
+        self._sock.sendall(encode_command(args))
         while True:
             reply = self._reader.gets()
             if reply is not False:
