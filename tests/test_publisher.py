@@ -197,6 +197,38 @@ class PublisherTests(SynchronousTestCase):
             },
         )
 
+    def test_dead_letter_waits_for_a_slot_like_a_packet(self) -> None:
+        """At --max-inflight a dead letter waits (and keeps its device) instead of being
+        refused: the device is ACKed once the frame is in the dead-letter stream."""
+        self.publisher.publish("1", self.packet, 0)
+        self.publisher.publish("2", self.packet, 0)
+        self.clock.advance(0)  # a batch of two in flight: max_inflight 2
+        dead = self.publisher.dead_letter("3", "8E", "malformed: x", b"\x00", 0)
+        self.assertNoResult(dead)
+        self.assertEqual(len(self.redis.scripts), 1)  # not sent yet
+        self.assertEqual(self.sample("teltonika_publish_waiting"), 1)
+        drained = self.publisher.drain()
+        self.redis.scripts[0][3].callback(4)  # slots free: the dead letter goes
+        ((script, keys, _args, d),) = self.redis.scripts[1:]
+        self.assertEqual((script, keys), (DEAD_LETTER_SCRIPT, ["telemetry:teltonika:dlq"]))
+        self.assertNoResult(drained)
+        d.callback(b"1-0")
+        self.assertEqual(self.successResultOf(dead), b"1-0")
+        self.successResultOf(drained)
+        self.assertEqual(self.sample("teltonika_publish_overflow_total"), 0)
+        self.assertEqual(self.sample("teltonika_publish_inflight"), 0)
+
+    def test_dead_letters_past_the_waiting_room_are_refused(self) -> None:
+        self.publisher.publish("1", self.packet, 0)
+        self.publisher.publish("2", self.packet, 0)
+        self.clock.advance(0)
+        self.publisher.max_waiting = 1
+        waiting = self.publisher.dead_letter("3", "8E", "malformed: x", b"\x00", 0)
+        refused = self.publisher.dead_letter("4", "8E", "malformed: x", b"\x00", 0)
+        self.assertNoResult(waiting)
+        self.failureResultOf(refused, PublishOverflow)
+        self.assertEqual(self.sample("teltonika_publish_failures_total", reason="overflow"), 1)
+
 
 class OpenFilesTests(SynchronousTestCase):
     def test_soft_limit_raised_to_hard(self) -> None:

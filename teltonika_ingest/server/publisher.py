@@ -3,9 +3,13 @@
 Packets are written in batches: every packet handed over during one pass of the event loop
 (all the device sockets that were readable together) goes to Redis in one ``EVALSHA`` of
 :data:`PUBLISH_SCRIPT`, which XADDs the records of each packet consecutively, in packet order.
-One script call is atomic in Redis, so each packet is wholly in the stream or (on a failure
-before the script ran) not at all, as contract.md §2 asks; a batch is just several such
-packets in one call. The caller ACKs a device only when its packet's Deferred fires, which is
+A batch lands wholly or not at all, so each packet does too (contract.md §2): no other
+client's command runs while a script runs; the script checks the whole batch (key type,
+argument shape) before its first write; and out of memory Redis refuses only a script's first
+write (see :data:`PUBLISH_SCRIPT`), so a refused batch wrote nothing. Proven against a real
+``redis-server`` under ``maxmemory`` + ``noeviction`` in tests/test_publisher_redis.py. Not
+covered: Redis dying in the middle of a script (its AOF then holds the script's writes as one
+``MULTI``/``EXEC``, and Redis drops a truncated one when it loads the file). The caller ACKs a device only when its packet's Deferred fires, which is
 after Redis answered the whole batch. A batch is sent at the end of the current pass, or at
 once when it reaches :data:`BATCH_MAX_RECORDS` records or :data:`BATCH_MAX_BYTES` bytes.
 
@@ -35,7 +39,6 @@ from teltonika_ingest.codec.payload import (
 )
 from teltonika_ingest.redis.client import (
     RedisClient,
-    RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
     Script,
@@ -56,10 +59,26 @@ WAITING_FACTOR = 8
 
 # KEYS[1] stream; ARGV[1] maxlen ("0" = no trimming), then per packet:
 # imei, codec, record count n, then n (ts, payload) pairs. Returns the records added.
+# Redis has no rollback: a script that fails half-way keeps what it wrote. So the whole batch
+# is checked first (the key holds a stream or nothing; every packet's count matches its
+# arguments), and only then written. Out of memory (maxmemory + noeviction), Redis refuses a
+# script's first write and never a later one, so that refusal writes nothing either.
 PUBLISH_SCRIPT = Script(
     """
 local key, maxlen = KEYS[1], ARGV[1]
 local i, last, total = 2, #ARGV, 0
+local kind = redis.call('TYPE', key)['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ': nothing written')
+end
+while i <= last do
+  local n = tonumber(ARGV[i + 2])
+  if n == nil or n < 0 or n % 1 ~= 0 or i + 2 + 2 * n > last then
+    return redis.error_reply('ERR malformed batch at argument ' .. i .. ': nothing written')
+  end
+  i = i + 3 + 2 * n
+end
+i = 2
 while i <= last do
   local imei, codec, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
@@ -109,16 +128,24 @@ class PublishOverflow(Exception):
 
 
 def failure_reason(exc: BaseException) -> str:
-    """Short label for ``teltonika_publish_failures_total{reason}``."""
+    """Short label for ``teltonika_publish_failures_total{reason}``: ``timeout``,
+    ``unavailable``, ``overflow``, else ``error`` (an error reply, or anything unexpected)."""
     if isinstance(exc, RedisTimeout):
         return "timeout"
     if isinstance(exc, RedisUnavailable):
         return "unavailable"
     if isinstance(exc, PublishOverflow):
         return "overflow"
-    if isinstance(exc, RedisReplyError):
-        return "error"
     return "error"
+
+
+class _DeadLetterCommand:
+    """A dead letter waiting for an in-flight slot (its ``XADD``, sent when admitted)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: list[Any]) -> None:
+        self.args = args
 
 
 class Publisher:
@@ -190,8 +217,10 @@ class Publisher:
         self._batch_bytes = 0
         self._flush_call: IDelayedCall | None = None
         # packets waiting for an in-flight slot: (args segment, Deferred, records, bytes,
-        # when complete)
-        self._waiting: list[tuple[list[Any], defer.Deferred[int], int, int, float]] = []
+        # when complete); a dead letter's segment is its _DeadLetterCommand
+        self._waiting: list[
+            tuple[list[Any] | _DeadLetterCommand, defer.Deferred[Any], int, int, float]
+        ] = []
         #: clock.seconds() of the last publish call Redis answered: the packets' callbacks run
         #: right after it (the ACKs: teltonika_reply_to_ack_seconds)
         self.replied_at = 0.0
@@ -286,19 +315,33 @@ class Publisher:
         d: defer.Deferred[int] = defer.Deferred()
         if frame_at is None:
             frame_at = self.clock.seconds()
-        if self.inflight + len(self._batch) >= self.max_inflight or self._waiting:
-            waiting = self._waiting
-            if len(waiting) >= self.max_waiting:
-                self.metrics.publish_overflow.inc()
-                self.metrics.publish_failures.labels(reason="overflow").inc()
-                return defer.fail(
-                    PublishOverflow(f"{self.inflight} publishes in flight, {len(waiting)} waiting")
-                )
-            waiting.append((segment, d, records, size, frame_at))
-            if len(waiting) >= self.max_inflight and not self.under_pressure:
-                self._set_pressure(True)
-            return d
+        if self._must_wait():
+            return self._wait(segment, d, records, size, frame_at)
         self._add(segment, d, records, size, frame_at)
+        return d
+
+    def _must_wait(self) -> bool:
+        return self.inflight + len(self._batch) >= self.max_inflight or bool(self._waiting)
+
+    def _wait(
+        self,
+        segment: list[Any] | _DeadLetterCommand,
+        d: defer.Deferred[Any],
+        records: int,
+        size: int,
+        frame_at: float,
+    ) -> defer.Deferred[Any]:
+        """Queue a packet (or dead letter) for an in-flight slot; refuse past max_waiting."""
+        waiting = self._waiting
+        if len(waiting) >= self.max_waiting:
+            self.metrics.publish_overflow.inc()
+            self.metrics.publish_failures.labels(reason="overflow").inc()
+            return defer.fail(
+                PublishOverflow(f"{self.inflight} publishes in flight, {len(waiting)} waiting")
+            )
+        waiting.append((segment, d, records, size, frame_at))
+        if len(waiting) >= self.max_inflight and not self.under_pressure:
+            self._set_pressure(True)
         return d
 
     def _add(
@@ -370,7 +413,10 @@ class Publisher:
             if room > 0:
                 admitted, self._waiting = waiting[:room], waiting[room:]
                 for segment, d, records, size, frame_at in admitted:
-                    self._add(segment, d, records, size, frame_at)
+                    if type(segment) is _DeadLetterCommand:
+                        self._send_dead_letter(segment.args, d)
+                    else:
+                        self._add(segment, d, records, size, frame_at)  # type: ignore[arg-type]
         if self.under_pressure and not self._waiting:
             self._set_pressure(False)
         if self.inflight == 0 and not self._batch and not self._waiting and self._drain_waiters:
@@ -394,11 +440,8 @@ class Publisher:
         self, imei: str, codec: str, reason: str, raw: bytes, received_ms: int
     ) -> defer.Deferred[Any]:
         """XADD the whole undecodable frame to ``<stream>:dlq`` (contract.md §2), trimmed to
-        ``--stream-maxlen`` entries and ``dlq_max_bytes`` bytes."""
-        if self.inflight >= self.max_inflight:
-            self.metrics.publish_overflow.inc()
-            self.metrics.publish_failures.labels(reason="overflow").inc()
-            return defer.fail(PublishOverflow(f"{self.inflight} publishes in flight"))
+        ``--stream-maxlen`` entries and ``dlq_max_bytes`` bytes. Like a packet, it takes an
+        in-flight slot, and waits for one at ``max_inflight``."""
         args: list[Any] = [
             self._maxlen_arg,
             self.dlq_max_bytes,
@@ -415,7 +458,15 @@ class Publisher:
             "instance_id",
             self.instance_id,
         ]
-        return self._track(self.redis.run_script(DEAD_LETTER_SCRIPT, [self.dlq_stream], args))
+        d: defer.Deferred[Any] = defer.Deferred()
+        if self._must_wait():
+            return self._wait(_DeadLetterCommand(args), d, 0, 0, self.clock.seconds())
+        self._send_dead_letter(args, d)
+        return d
+
+    def _send_dead_letter(self, args: list[Any], d: defer.Deferred[Any]) -> None:
+        script = self.redis.run_script(DEAD_LETTER_SCRIPT, [self.dlq_stream], args)
+        self._track(script).chainDeferred(d)
 
     # ------------------------------------------------------------------ in-flight accounting
 
