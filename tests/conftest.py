@@ -1,15 +1,156 @@
-"""Shared fixtures. Reactor tests use pytest-twisted (its default reactor)."""
+"""Shared fixtures and the suite's deadlines. Reactor tests use pytest-twisted (its default
+reactor).
+
+Deadlines: every test has pytest-timeout's 60 s (pyproject.toml). A reactor test (an
+``async def`` under ``pytest_twisted.ensureDeferred``) also gets :data:`REACTOR_TEST_DEADLINE_S`:
+past it the test is cancelled (its pending ``await`` raises ``CancelledError``, so its
+``finally`` blocks stop what it started) and fails with a message naming the deadline, while
+the reactor keeps running for the next tests. SIGALRM alone cannot do that: raised inside the
+reactor's loop, Twisted logs it and carries on.
+
+Clean reactor: after every test, delayed calls and sockets that the test left in the reactor
+are cancelled and closed (so one broken test cannot break the next), and the test fails if it
+left any (a test that leaks is a test that does not clean up when it fails).
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import pytest_twisted
+from pytest_twisted.three import _async_pytest_pyfunc_call
+from twisted.internet import defer, reactor, task
+from twisted.python.failure import Failure
 
 from pgproc import PgProcess
 from redisproc import RedisProcess
+
+#: a reactor test is cancelled after this long (below pytest-timeout's 60 s, which also
+#: counts the fixtures' set-up)
+REACTOR_TEST_DEADLINE_S = 40.0
+#: a cancelled test's finally blocks get this long to unwind before the test is abandoned
+UNWIND_S = 10.0
+#: how long the reactor may take, after a test, to finish closing what the test closed
+SETTLE_S = 2.0
+
+
+class ReactorTestTimeout(AssertionError):
+    """A reactor test did not finish within its deadline."""
+
+
+def _bounded(item: pytest.Function, deadline: float) -> defer.Deferred[Any]:
+    test = _async_pytest_pyfunc_call(item, item.obj, {})
+    result: defer.Deferred[Any] = defer.Deferred()
+    expired: list[str] = []
+
+    def finish(outcome: Any) -> None:
+        if result.called:
+            return
+        if expired and isinstance(outcome, Failure) and outcome.check(defer.CancelledError):
+            outcome = Failure(ReactorTestTimeout(expired[0]))
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    def abandon() -> None:
+        finish(
+            Failure(
+                ReactorTestTimeout(expired[0] + f"; its clean-up did not end in {UNWIND_S:g} s")
+            )
+        )
+
+    def timed_out() -> None:
+        expired.append(
+            f"{item.nodeid} did not finish within {deadline:g} s (a wait without a deadline, "
+            "or a behaviour that never happened): cancelled, its clean-up ran"
+        )
+        unwind.append(reactor.callLater(UNWIND_S, abandon))
+        test.cancel()
+
+    unwind: list[Any] = []
+    timer = reactor.callLater(deadline, timed_out)
+
+    def settled(outcome: Any) -> None:
+        for call in (timer, *unwind):
+            if call.active():
+                call.cancel()
+        finish(outcome)
+
+    test.addBoth(settled)
+    return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Reactor tests run as pytest-twisted runs them, under a deadline."""
+    if pytest_twisted._get_mark(pyfuncitem.obj) is None:
+        return None  # a plain test (or a hypothesis one): pytest-twisted / pytest run it
+    if getattr(pyfuncitem.obj, "hypothesis", None) is not None:
+        return None
+    marker = pyfuncitem.get_closest_marker("deadline")
+    deadline = float(marker.args[0]) if marker else REACTOR_TEST_DEADLINE_S
+    pytest_twisted._run_inline_callbacks(_bounded, pyfuncitem, deadline)
+    return True
+
+
+def _selectables() -> set[Any]:
+    """The sockets in the reactor, less its own (wakers)."""
+    internal = set(getattr(reactor, "_internalReaders", ()))
+    return (set(reactor.getReaders()) | set(reactor.getWriters())) - internal  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def _clean_reactor(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whatever a test leaves in the reactor is removed after it, and fails it."""
+    calls = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
+    selectables = _selectables()
+    yield
+    if pytest_twisted._instances.gr_twisted is None:
+        return
+
+    def leftovers() -> tuple[list[Any], list[Any]]:
+        delayed = reactor.getDelayedCalls()  # type: ignore[attr-defined]
+        return [c for c in delayed if c not in calls and c.active()], list(
+            _selectables() - selectables
+        )
+
+    # Connections closed at the end of the test go away over the next turns of the loop.
+    settle_until = reactor.seconds() + SETTLE_S
+    left_calls, left_sel = leftovers()
+    while (left_calls or left_sel) and reactor.seconds() < settle_until:
+        pytest_twisted.blockon(task.deferLater(reactor, 0.02, lambda: None))
+        left_calls, left_sel = leftovers()
+    if not left_calls and not left_sel:
+        return
+    for call in left_calls:
+        call.cancel()
+    for s in left_sel:
+        _close_selectable(s)
+    pytest.fail(
+        f"the test left the reactor dirty: {len(left_calls)} delayed calls "
+        f"{[str(c)[:120] for c in left_calls[:5]]}, {len(left_sel)} sockets "
+        f"{[type(s).__name__ for s in left_sel[:5]]} (removed now)",
+        pytrace=False,
+    )
+
+
+def _close_selectable(s: Any) -> None:
+    for how in ("abortConnection", "loseConnection", "stopListening", "connectionLost"):
+        fn = getattr(s, how, None)
+        if fn is None:
+            continue
+        try:
+            fn() if how != "connectionLost" else fn(Failure(RuntimeError("left by a test")))
+        except Exception:
+            continue
+        break
+    reactor.removeReader(s)  # type: ignore[attr-defined]
+    reactor.removeWriter(s)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

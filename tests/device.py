@@ -45,9 +45,43 @@ class DeviceProtocol(Protocol):
         d.addTimeout(timeout, reactor)
         return d
 
-    def close(self) -> defer.Deferred[None]:
+    def wait_closed(self, timeout: float = 5.0) -> defer.Deferred[None]:
+        """Fires once the connection is closed; fails if it is still open after ``timeout``
+        (then it is aborted, so nothing is left open)."""
+        return _closed_within(self, self.closed, timeout)
+
+    def close(self, timeout: float = 5.0) -> defer.Deferred[None]:
         self.transport.loseConnection()
-        return self.closed
+        return self.wait_closed(timeout)
+
+
+def _closed_within(proto: Any, closed: defer.Deferred[Any], timeout: float) -> defer.Deferred[Any]:
+    """A Deferred that follows ``closed`` for at most ``timeout`` seconds, then fails with
+    a clear message and aborts the connection."""
+    d: defer.Deferred[Any] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if not d.called:
+            d.callback(result)
+        return result
+
+    def expired() -> None:
+        if d.called:
+            return
+        d.errback(
+            AssertionError(
+                f"connection still open after {timeout:g} s "
+                f"(received {bytes(getattr(proto, 'received', b''))[:64]!r})"
+            )
+        )
+        if proto.transport is not None:
+            proto.transport.abortConnection()
+
+    timer = reactor.callLater(timeout, expired)
+    closed.addBoth(fire)
+    return d
 
 
 async def connect_device(port: int, host: str = "127.0.0.1") -> DeviceProtocol:

@@ -333,12 +333,12 @@ async def test_rejected_device_gets_00_over_tcp(
         refused = await connect_device(port)
         refused.send(encode_imei(OTHER))
         assert await refused.expect(1) == b"\x00"
-        await refused.closed
+        await refused.wait_closed()
 
         bad_luhn = await connect_device(port)
         bad_luhn.send(encode_imei("356307042441012"))
         assert await bad_luhn.expect(1) == b"\x00"
-        await bad_luhn.closed
+        await bad_luhn.wait_closed()
 
         accepted = await connect_device(port)
         accepted.send(encode_imei(LISTED))

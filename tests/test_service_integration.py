@@ -188,7 +188,7 @@ async def test_redis_down_no_ack_then_resend_after_recovery(
 
         frame = avl_frame(3, start=100)
         dev.send(frame)
-        await dev.closed  # no ACK: the service closed the connection
+        await dev.wait_closed()  # no ACK: the service closed the connection
         assert dev.received == b""
         assert (
             running.sample("teltonika_publish_failures_total", reason="unavailable")
@@ -232,7 +232,7 @@ async def test_crc_failure_over_tcp(service: Running, redis_proc: RedisProcess) 
     frame = bytearray(vector_bytes("codec8-one-record"))
     frame[20] ^= 0x01
     dev.send(bytes(frame))
-    await dev.closed
+    await dev.wait_closed()
     assert dev.received == b""
     assert stream_entries(redis_proc) == []
     assert service.sample("teltonika_frames_total", codec="8", result="crc_fail") == 1

@@ -126,7 +126,7 @@ async def test_device_over_tls(redis_session: RedisProcess, tmp_path: Path) -> N
         # a device speaking plain TCP to the TLS port gets nothing back
         plain = await connect_device(port)
         plain.send(encode_imei(IMEI))
-        await plain.closed
+        await plain.wait_closed()
         assert plain.received == b""
         assert sample(svc, "teltonika_handshakes_total", result="accepted") == 1
     finally:
@@ -183,7 +183,7 @@ async def test_direct_client_on_proxy_listener_is_dropped(
     try:
         dev = await connect_device(port)
         dev.send(encode_imei(IMEI))  # no PROXY header: a device connecting directly
-        await dev.closed
+        await dev.wait_closed()
         assert dev.received == b""
         assert sample(svc, "teltonika_handshakes_total", result="accepted") == 0
         assert svc.redis.connected
