@@ -298,8 +298,8 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "TELTONIKA_MAX_INFLIGHT",
         "1024",
         "positive-int",
-        "packets handed to Redis and not yet confirmed, across the process; beyond that "
-        "packets wait, and once as many wait, reading from devices pauses until none does "
+        "packets (and dead letters) handed to Redis and not yet confirmed, across the "
+        "process; beyond that they wait, and once as many wait, reading from devices pauses until none does "
         "(teltonika_publish_backpressure_total); a packet arriving while 8 times as many wait "
         "is not ACKed (teltonika_publish_overflow_total)",
         why="enough to keep Redis busy under thousands of devices; when Redis or this process "

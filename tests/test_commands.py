@@ -400,6 +400,29 @@ class Codec14Tests(SynchronousTestCase):
         del queued
 
 
+class SessionErrorTests(SynchronousTestCase):
+    def test_session_error_gives_its_commands_not_connected_at_once(self) -> None:
+        env = Env()
+        proto, transport = env.device()
+        in_flight = env.add("getinfo")
+        queued = env.add("getver")
+        written_command(transport)
+
+        def boom(*args: Any) -> Any:
+            raise ValueError("bug in publishing")
+
+        env.h.publisher.publish_frame = boom  # type: ignore[method-assign]
+        proto.dataReceived(avl_frame(1))  # the session raises while handling the packet
+        self.flushLoggedErrors(ValueError)
+        # at once, not after the 30 s command timeout
+        self.assertEqual(env.result(in_flight)["status"], "not_connected")
+        self.assertEqual(env.result(queued)["status"], "not_connected")
+        self.assertEqual(env.sample("teltonika_commands_inflight"), 0)
+        self.assertEqual(env.sample("teltonika_disconnects_total", reason="session_error"), 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(env.router.held, 0)
+
+
 class MessageTests(SynchronousTestCase):
     def test_codec13_message_is_recorded(self) -> None:
         env = Env()

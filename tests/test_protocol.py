@@ -346,8 +346,10 @@ class ConnectionTrackingTests(SynchronousTestCase):
 
         bad.session.receive = boom  # type: ignore[method-assign, union-attr]
         bad.dataReceived(b"\xff")
-        self.assertTrue(bad_t.disconnected)
+        self.assertTrue(bad_t.disconnecting)
         self.assertEqual(h.sample("teltonika_session_errors_total"), 1)
+        # closed the way every close goes: counted with its reason
+        self.assertEqual(h.sample("teltonika_disconnects_total", reason="session_error"), 1)
         self.flushLoggedErrors(ValueError)
         good.dataReceived(avl_frame(1))
         h.publisher.calls[0][2].callback(1)

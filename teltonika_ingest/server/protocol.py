@@ -564,7 +564,11 @@ class TeltonikaProtocol(Protocol):
         return self.peer.rpartition(":")[0] or self.peer
 
     def _session_error(self, failure: Failure) -> None:
-        """An unexpected exception inside this session: log it, close only this session."""
+        """An unexpected exception inside this session: log it, close only this session.
+
+        It closes the way every other close does (``Session.close``): its commands get
+        ``not_connected`` at once and the disconnect is counted (``session_error``). Only if
+        that fails too is the connection aborted on the spot."""
         self.factory.metrics.session_errors.inc()
         log.failure(
             "unexpected error in the session of {imei} ({peer}); closing it",
@@ -573,8 +577,15 @@ class TeltonikaProtocol(Protocol):
             imei=self.imei or "-",
             peer=self.peer,
         )
-        if self.session is not None:
-            self.session.state = State.CLOSED
+        session = self.session
+        if session is not None and session.state is not State.CLOSED:
+            try:
+                self._run(session.close("session_error", failure.getErrorMessage()))
+                return
+            except Exception:
+                log.failure("closing the session of {imei} failed too", imei=self.imei or "-")
+        if session is not None:
+            session.state = State.CLOSED
         self._closing = True
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]

@@ -160,7 +160,8 @@ class Publisher:
     resuming at half the bound, as first written, left the pipeline half empty on each cycle:
     79k instead of 103k records/s with 2,000 devices back-to-back.) Only when ``max_waiting``
     (8 x ``max_inflight``) packets are already waiting is a packet refused
-    (``PublishOverflow``: not ACKed, the device resends).
+    (``PublishOverflow``: not ACKed, the device resends). Dead letters take the same slots
+    and wait the same way.
     """
 
     def __init__(

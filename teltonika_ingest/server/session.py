@@ -267,10 +267,6 @@ class Session:
     def buffered(self) -> int:
         return self._framer.buffered
 
-    @property
-    def queued_commands(self) -> int:
-        return len(self._commands)
-
     # ------------------------------------------------------------------ internals
 
     def _close(
