@@ -11,6 +11,7 @@ import attrs
 import orjson
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import Config
@@ -79,7 +80,7 @@ async def start(
         config = attrs.evolve(config, **overrides)
     svc = IngestService(config)
     svc.startService()
-    device_port, http_port = await svc.listening
+    device_port, http_port = await svc.listening.addTimeout(10, reactor)
     running = running_cls(svc, device_port.getHost().port, http_port.getHost().port)
     await wait_for(lambda: svc.redis.connected)
     await wait_for(lambda: svc.readiness_probe.reason() is None)  # /readyz 200
@@ -314,3 +315,40 @@ async def test_backpressure_when_redis_stalls(redis_proc: RedisProcess, tmp_path
         for dev in devices:
             await dev.close()
         await running.svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_process_service_leaves_process_wide_state_alone(
+    redis_proc: RedisProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Garbage-collector tuning, the open-files limit and the exit-on-overrun watchdog
+    belong to the real twistd start (makeService), not to a service built in a test."""
+    import gc
+    import os
+    import resource
+
+    from teltonika_ingest.server.tap import makeService
+
+    thresholds = gc.get_threshold()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 4096) - 1
+    gc.set_threshold(701, 11, 12)
+    gc.unfreeze()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    try:
+        running = await start(redis_proc, tmp_path)
+        try:
+            assert gc.get_threshold() == (701, 11, 12)
+            assert gc.get_freeze_count() == 0
+            assert resource.getrlimit(resource.RLIMIT_NOFILE) == (lowered, hard)
+            running.svc._shutdown_overrun()  # what the watchdog calls on an overrun
+            assert exits == [] and running.svc.exit_code == 1
+        finally:
+            await running.svc.stopService()
+    finally:
+        gc.set_threshold(*thresholds)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    config = running.svc.config
+    assert makeService({"config": config}).process_wide is True  # type: ignore[attr-defined]

@@ -19,7 +19,8 @@ from teltonika_ingest.server.udp import UdpListener
 
 from device import wait_for
 from redisproc import RedisProcess
-from support import FakePublisher, make_record, vector
+from support import IMEI as IMEI_TCP
+from support import FakePublisher, avl_frame, make_record, vector
 from test_service_integration import start, stream_entries
 
 IMEI = "352093086403655"
@@ -249,3 +250,41 @@ async def test_udp_refuses_what_tcp_refuses(redis_proc: RedisProcess, tmp_path: 
     finally:
         await defer.maybeDeferred(client_port.stopListening)
         await running.svc.stopService()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_udp_is_not_read_during_the_drain(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    """Shutdown step 2 stops reading UDP as it does TCP: a datagram arriving while the
+    drain waits is neither published nor ACKed (the device resends it to whoever is up),
+    so UDP traffic cannot keep the drain open; the TCP packet in flight is still ACKed."""
+    port = free_udp_port()
+    running = await start(
+        redis_proc, tmp_path, "--udp-port", str(port), "--udp-interface", "127.0.0.1",
+        "--publish-timeout", "20",
+    )  # fmt: skip
+    client = _Client()
+    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    stopping: defer.Deferred[None] | None = None
+    try:
+        dev = await running.device()
+        redis_proc.cmd("CLIENT", "PAUSE", "20000", "WRITE")  # scripts wait, PING answers
+        dev.send(avl_frame(2))
+        await wait_for(lambda: running.sample("teltonika_publish_inflight") == 1)
+        stopping = running.svc.stopService()
+        await wait_for(lambda: running.svc.factory.draining)
+        assert running.svc.udp is not None
+        udp_port = running.svc.udp.transport
+        assert udp_port not in reactor.getReaders(), "UDP still read during the drain"
+        client_port.write(datagram(1, 1), ("127.0.0.1", port))
+        redis_proc.cmd("CLIENT", "UNPAUSE")
+        assert await dev.expect(4) == struct.pack(">I", 2)  # the drained packet: ACKed
+        await stopping
+        assert [e["imei"] for e in stream_entries(redis_proc)] == [IMEI_TCP, IMEI_TCP]
+        assert client.replies == []
+        assert running.sample("teltonika_udp_datagrams_total", result="ok") == 0
+    finally:
+        redis_proc.cmd("CLIENT", "UNPAUSE")
+        await defer.maybeDeferred(client_port.stopListening)
+        if stopping is None:
+            await running.svc.stopService()

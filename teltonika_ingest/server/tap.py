@@ -108,7 +108,14 @@ def _with_timeout(
 
 
 class IngestService(service.MultiService):
-    """The whole process: every long-lived part is a child of this service."""
+    """The whole process: every long-lived part is a child of this service.
+
+    ``process_wide``: this service owns the process (the real ``twistd`` start, through
+    :func:`makeService`): it raises the open-files limit, tunes the garbage collector, and a
+    shutdown that overruns ``--shutdown-timeout`` exits the process with status 1. Off (the
+    default, for a service built inside another program such as the test suite), none of
+    that happens: an overrun is logged and recorded in ``exit_code`` only.
+    """
 
     def __init__(
         self,
@@ -117,8 +124,10 @@ class IngestService(service.MultiService):
         reactor: Any = None,
         log_observer: Any = None,
         adopted: AdoptedSockets | None = None,
+        process_wide: bool = False,
     ) -> None:
         super().__init__()
+        self.process_wide = process_wide
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -399,8 +408,9 @@ class IngestService(service.MultiService):
             redis=self.config.redis.describe() if self.config.redis else "embedded",
             stream=self.config.stream,
         )
-        raise_open_files_limit(self.config.max_connections)
-        tune_garbage_collector()
+        if self.process_wide:
+            raise_open_files_limit(self.config.max_connections)
+            tune_garbage_collector()
         try:
             super().startService()
         except EmbeddedRedisError as e:
@@ -515,6 +525,8 @@ class IngestService(service.MultiService):
         await self.queue.stopService()
         log.info("shutdown: 2/6 drain in-flight publishes (up to {t} s)", t=config.drain_timeout)
         self.factory.stop_reading()
+        if self.udp is not None:
+            self.udp.stop_reading()  # its in-flight datagrams are still ACKed
         held = self.factory.held_imeis()
         self.factory.registry = None  # batch unregister below instead of one call per socket
         drained = await _with_timeout(self.publisher.drain(), config.drain_timeout, clock)
@@ -565,11 +577,17 @@ class IngestService(service.MultiService):
             self._stop_counting_errors()
 
     def _shutdown_overrun(self) -> None:
+        self.exit_code = 1
+        if not self.process_wide:
+            log.critical(
+                "shutdown did not finish within --shutdown-timeout {t} s",
+                t=self.config.shutdown_timeout,
+            )
+            return
         log.critical(
             "shutdown did not finish within --shutdown-timeout {t} s; exiting with status 1",
             t=self.config.shutdown_timeout,
         )
-        self.exit_code = 1
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(1)
@@ -688,6 +706,6 @@ def makeService(options: config_module.Options | dict[str, Any]) -> IService:
             return WorkerSupervisor(
                 config, log_observer=observer, logfile=None if logfile == "-" else logfile
             )
-        svc = IngestService(config, log_observer=observer)
+        svc = IngestService(config, log_observer=observer, process_wide=True)
         svc.exit_on_startup_failure = True
     return svc

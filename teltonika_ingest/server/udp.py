@@ -197,5 +197,12 @@ class UdpListener(DatagramProtocol):
         for k in stale:
             del self._published[k]
 
+    def stop_reading(self) -> None:
+        """Shutdown step 2: read no more datagrams (they wait in the kernel and are dropped
+        with the port; unACKed, the devices resend them). Datagrams being published are still
+        ACKed: the port stays open for writing until the service stops it."""
+        if self.transport is not None:
+            self.transport.stopReading()  # type: ignore[attr-defined]
+
     def drain(self) -> defer.Deferred[None]:
         return self.publisher.drain()

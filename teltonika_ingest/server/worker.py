@@ -133,6 +133,7 @@ def main() -> int:
         config,
         reactor=reactor,
         adopted=AdoptedSockets(spec.listen_fd, spec.metrics_fd, spec.udp_fd),
+        process_wide=True,  # a worker process of its own
     )
     app = service.MultiService()
     svc.setServiceParent(app)
