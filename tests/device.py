@@ -48,14 +48,14 @@ class DeviceProtocol(Protocol):
     def wait_closed(self, timeout: float = 5.0) -> defer.Deferred[None]:
         """Fires once the connection is closed; fails if it is still open after ``timeout``
         (then it is aborted, so nothing is left open)."""
-        return _closed_within(self, self.closed, timeout)
+        return until_closed(self, self.closed, timeout)
 
     def close(self, timeout: float = 5.0) -> defer.Deferred[None]:
         self.transport.loseConnection()
         return self.wait_closed(timeout)
 
 
-def _closed_within(proto: Any, closed: defer.Deferred[Any], timeout: float) -> defer.Deferred[Any]:
+def until_closed(proto: Any, closed: defer.Deferred[Any], timeout: float) -> defer.Deferred[Any]:
     """A Deferred that follows ``closed`` for at most ``timeout`` seconds, then fails with
     a clear message and aborts the connection."""
     d: defer.Deferred[Any] = defer.Deferred()

@@ -99,6 +99,31 @@ class FakePublisher:
         return defer.succeed(None)
 
 
+class SoonPublisher:
+    """A publisher that confirms every packet on the next reactor turn (for tests of what
+    happens around publishing, over real sockets, without Redis)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.replied_at = 0.0
+        self.published = 0
+
+    def publish_frame(
+        self, imei: str, frame: Any, received_ms: int, frame_at: float | None = None
+    ) -> defer.Deferred[int]:
+        def done() -> int:
+            self.replied_at = self.reactor.seconds()
+            self.published += 1
+            return int(frame.record_count)
+
+        return task.deferLater(self.reactor, 0, done)
+
+    def dead_letter(
+        self, imei: str, codec: str, reason: str, raw: bytes, received_ms: int
+    ) -> defer.Deferred[Any]:
+        return task.deferLater(self.reactor, 0, lambda: None)
+
+
 class FakeRegistry:
     def __init__(self) -> None:
         self.registered: list[str] = []
@@ -120,8 +145,8 @@ class Harness:
         self.publisher = FakePublisher()
         self.registry = FakeRegistry()
         self.factory = TeltonikaFactory(
-            publisher=self.publisher,  # type: ignore[arg-type]
-            registry=self.registry,  # type: ignore[arg-type]
+            publisher=self.publisher,
+            registry=self.registry,
             metrics=self.metrics,
             clock=self.clock,
             settings=SessionSettings(**settings),

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.python.failure import Failure
 
 from teltonika_ingest.codec import AvlPacket, encode_avl_frame, encode_imei
 from teltonika_ingest.config import RedisTarget
@@ -761,6 +762,52 @@ async def test_two_instances_devices_hopping_then_one_killed(
         b.kill()
 
 
+class RegistryWrites:
+    """Records, in order, the registry's writes as sent to and answered by Redis, and when a
+    device's register was asked for: what shows that a test's race really happened."""
+
+    def __init__(self, registry: Any) -> None:
+        self.events: list[str] = []
+        redis = registry.redis
+        execute, run_script, register = redis.execute, redis.run_script, registry.register
+
+        def spy_execute(*args: Any, **kw: Any) -> Any:
+            d = execute(*args, **kw)
+            return self._watch("register", d) if args[0] == "HSET" else d
+
+        def spy_run_script(script: Any, keys: Any, args: Any, **kw: Any) -> Any:
+            return self._watch("unregister", run_script(script, keys, args, **kw))
+
+        def spy_register(imei: str) -> Any:
+            self.events.append("register asked")
+            return register(imei)
+
+        redis.execute, redis.run_script = spy_execute, spy_run_script
+        registry.register = spy_register
+
+    def _watch(self, name: str, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        self.events.append(f"sent {name}")
+
+        def done(result: Any) -> Any:
+            failed = isinstance(result, Failure)
+            self.events.append(f"{'failed' if failed else 'answered'} {name}")
+            return result
+
+        return d.addBoth(done)
+
+    def answered(self, name: str) -> bool:
+        return any(e in (f"answered {name}", f"failed {name}") for e in self.events)
+
+
+def command_stats(redis: RedisProcess, command: str) -> dict[str, int]:
+    """``INFO commandstats`` of one command: calls, failed_calls, ..."""
+    for line in redis.cmd("INFO", "commandstats").splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            pairs = (kv.split("=") for kv in line.split(":", 1)[1].split(","))
+            return {k: int(float(v)) for k, v in pairs}
+    return {}
+
+
 @pytest_twisted.ensureDeferred
 async def test_registry_field_kept_when_unregister_is_reordered_by_noscript(
     redis_proc: RedisProcess, tmp_path: Path
@@ -772,13 +819,22 @@ async def test_registry_field_kept_when_unregister_is_reordered_by_noscript(
     try:
         dev = await running.device()
         await wait_for(lambda: redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a")
+        writes = RegistryWrites(running.svc.registry)
         redis_proc.cmd("SCRIPT", "FLUSH")
         redis_proc.cmd("CLIENT", "PAUSE", "1000", "ALL")
         await dev.close()  # -> EVALSHA compare-and-delete (NOSCRIPT, then EVAL)
         await wait_for(lambda: running.sample("teltonika_connections_active") == 0)
         dev2 = await running.device()  # -> HSET
-        await deferLater(1.3)  # the pause is over
+        await wait_for(lambda: writes.answered("register"), timeout=10)  # the pause is over
         await running.svc.registry.settled()
+        # the race happened: the device was back while its unregister waited in Redis, and
+        # that unregister went through the NOSCRIPT retry
+        assert writes.events == [
+            "sent unregister", "register asked", "answered unregister",
+            "sent register", "answered register",
+        ], writes.events  # fmt: skip
+        assert command_stats(redis_proc, "evalsha").get("failed_calls", 0) >= 1
+        assert command_stats(redis_proc, "eval").get("calls", 0) >= 1
         assert running.sample("teltonika_connections_active") == 1
         assert redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a"
         await dev2.close()
@@ -790,8 +846,9 @@ async def test_registry_field_kept_when_unregister_is_reordered_by_noscript(
 async def test_registry_field_kept_when_unregister_is_reordered_by_the_pool(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
-    """As above with the script cached: the HSET goes out on the pooled connection that
-    Redis serves first after the stall (a PING sent just before takes that place)."""
+    """As above with the script cached, while the service's shared (pooled) connections
+    are busy too (a PING sent just before): the device's HSET must not overtake its
+    compare-and-delete, whichever connection Redis serves first after the stall."""
     from teltonika_ingest.server.registry import COMPARE_AND_DELETE
 
     running = await start(redis_proc, tmp_path)
@@ -799,13 +856,20 @@ async def test_registry_field_kept_when_unregister_is_reordered_by_the_pool(
         redis_proc.cmd("SCRIPT", "LOAD", COMPARE_AND_DELETE.source)
         dev = await running.device()
         await wait_for(lambda: redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a")
+        writes = RegistryWrites(running.svc.registry)
         redis_proc.cmd("CLIENT", "PAUSE", "800", "ALL")
-        running.svc.redis.execute("PING").addErrback(lambda _f: None)  # connection n
-        await dev.close()  # compare-and-delete on connection n + 1
+        ping = running.svc.redis.execute("PING")
+        ping.addErrback(lambda _f: None)
+        await dev.close()  # compare-and-delete
         await wait_for(lambda: running.sample("teltonika_connections_active") == 0)
-        dev2 = await running.device()  # HSET on connection n, served first
-        await deferLater(1.1)
+        dev2 = await running.device()  # HSET
+        await wait_for(lambda: writes.answered("register"), timeout=10)
         await running.svc.registry.settled()
+        assert writes.events == [
+            "sent unregister", "register asked", "answered unregister",
+            "sent register", "answered register",
+        ], writes.events  # fmt: skip
+        assert ping.called  # the pooled PING was held by the same stall
         assert running.sample("teltonika_connections_active") == 1
         assert redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a"
         await dev2.close()
@@ -818,9 +882,8 @@ async def test_registry_field_kept_when_the_unregister_timed_out(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
     """The compare-and-delete times out (Redis stalled longer than the command timeout) but
-    stays queued in Redis; the device reconnects, its HSET goes out on the pooled
-    connection Redis serves first after the stall. The device is connected: its field must
-    stay."""
+    stays queued in Redis; the device reconnects, and its HSET is sent only after that. The
+    device is connected: its field must stay."""
     from teltonika_ingest.server.registry import COMPARE_AND_DELETE
 
     running = await start(redis_proc, tmp_path)  # --publish-timeout 1: the command timeout
@@ -828,13 +891,19 @@ async def test_registry_field_kept_when_the_unregister_timed_out(
         redis_proc.cmd("SCRIPT", "LOAD", COMPARE_AND_DELETE.source)
         dev = await running.device()
         await wait_for(lambda: redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a")
+        writes = RegistryWrites(running.svc.registry)
+        hsets = command_stats(redis_proc, "hset").get("calls", 0)
         redis_proc.cmd("CLIENT", "PAUSE", "2500", "ALL")
-        running.svc.redis.execute("PING").addErrback(lambda _f: None)  # connection n
-        await dev.close()  # compare-and-delete on connection n + 1
+        await dev.close()  # compare-and-delete
         await wait_for(lambda: running.sample("teltonika_connections_active") == 0)
-        await deferLater(1.3)  # ... has timed out by now (still queued in Redis)
-        dev2 = await running.device()  # HSET, on connection n: served first
-        await deferLater(1.5)  # the pause is over
+        # it times out on our side (still queued in Redis)
+        await wait_for(lambda: writes.answered("unregister"), timeout=10)
+        assert writes.events == ["sent unregister", "failed unregister"], writes.events
+        dev2 = await running.device()  # HSET
+        assert writes.events[2:4] == ["register asked", "sent register"], writes.events
+        # Redis runs what was queued once the pause is over: the compare-and-delete, then the
+        # HSET (one connection, in order), whether or not our side waited for its answer
+        await wait_for(lambda: command_stats(redis_proc, "hset").get("calls", 0) > hsets, 10)
         await running.svc.registry.settled()
         assert running.sample("teltonika_connections_active") == 1
         assert redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a"

@@ -5,16 +5,16 @@ devices sending all along, attacks, and then checks that
 
 * the service stayed up (``/healthz``), counted no unhandled or session error (no input
   may reach an unexpected exception path) and ACKed nothing it should not have;
-* the canaries kept being ACKed during the attack within their normal latency
-  (``CANARY_P99_BOUND_S``; their baseline on loopback is about a millisecond);
+* every canary kept being ACKed during the attack (a count, not a latency bound);
 * the canaries' ACKed records are all in the stream (the invariant);
-* the service's resident memory (``VmRSS`` from ``/proc``) came back to its baseline.
+* what the attack opened was given back: the service's open file descriptors (``/proc``)
+  return to their count before the attack, and only the canaries stay connected.
 
-Memory: CPython does not hand freed memory back to the OS eagerly (pymalloc arenas,
-glibc's heap), so "back to baseline" is checked the usual way: the baseline is measured
-after a warm-up round of the same attack, later rounds must end within ``RSS_SLACK_KIB``
-of it, and the 2N-connection rounds show that what an attack costs while it lasts is
-returned, not kept (a leak would add a fixed amount per connection to every round).
+No test here asserts a time, a latency or a memory size: on a loaded machine those measure
+the machine. The canaries' ACK latency and the service's resident memory (``VmRSS``) during
+and after each attack are recorded as figures (``RELIABILITY_FIGURES``, RELIABILITY.md);
+that reference cycles do not keep rejected connections alive is checked exactly, with the
+garbage collector, in ``test_rejected_connections_leave_no_reference_cycles``.
 
 The attacker of ``test_thousands_of_connections_that_never_send`` runs in a child process
 (``python tests/test_hostile.py idle PORT N SECONDS``) so that opening thousands of sockets
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import selectors
 import socket
@@ -43,7 +44,6 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from teltonika_ingest.codec import (
     CODEC_12,
     TYPE_RESPONSE,
-    AvlPacket,
     CommandMessage,
     crc16_ibm,
     decode_command_frame,
@@ -54,9 +54,16 @@ from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.sim.invariant import StreamIndex, SyncRedis, read_stream
 
-from device import DeviceProtocol, connect_device, deferLater, expect_frame, wait_for
+from device import (
+    DeviceProtocol,
+    connect_device,
+    deferLater,
+    expect_frame,
+    until_closed,
+    wait_for,
+)
 from redisproc import RedisProcess
-from support import avl_frame
+from support import SoonPublisher, avl_frame
 from test_faults import (
     AckRecorder,
     Fleet,
@@ -72,11 +79,7 @@ pytestmark = pytest.mark.integration
 INSTANCE = "hostile"
 HANDSHAKE_TIMEOUT = 2.0
 IDLE_TIMEOUT = 4.0
-#: canary ACK latency p99 allowed during an attack (baseline ~1 ms on loopback; the bound
-#: leaves room for a loaded 2-core CI machine, and is far below the devices' ACK timeout)
-CANARY_P99_BOUND_S = 0.25
-#: RSS allowed above the post-warm-up baseline after an attack ended (see module doc)
-RSS_SLACK_KIB = 3 * 1024
+CANARIES = 4
 
 
 # --------------------------------------------------------------------------- set-up
@@ -91,6 +94,7 @@ class Hostile:
         self.canaries = canaries
         self.recorder = canaries.recorder
         self.baseline: dict[str, Any] = {}  # canary latency before any attack
+        self.fds_baseline = 0  # the service's open descriptors before any attack
 
     @property
     def port(self) -> int:
@@ -98,6 +102,16 @@ class Hostile:
 
     def rss(self) -> int:
         return self.svc.rss_kib()
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.svc.pid}/fd"))
+
+    async def gave_back_what_the_attack_opened(self) -> None:
+        """Every descriptor the attack made the service open is closed again (within a
+        deadline: the last closes are on their way), and only the canaries are connected."""
+        await wait_for(lambda: self.open_fds() <= self.fds_baseline, timeout=15)
+        active = await self.svc.sample("teltonika_connections_active")
+        assert active == CANARIES, active
 
     async def settled_rss(self, seconds: float = 1.0) -> int:
         """RSS after the service went quiet (closed connections are freed on the next turns)."""
@@ -114,11 +128,9 @@ class Hostile:
         }
 
     def assert_canaries_fine(self, start: float, end: float) -> dict[str, Any]:
-        """Every canary was ACKed during [start, end], within the latency bound."""
+        """Every canary was ACKed during [start, end]; returns their latency (a figure)."""
         for d in self.canaries.devices:
             assert any(start <= at <= end for at in d.ack_times), f"canary {d.imei} starved"
-        lats = self.recorder.latencies_between(start, end)
-        assert quantile(lats, 0.99) < CANARY_P99_BOUND_S, self.canary_latency(start, end)
         return self.canary_latency(start, end)
 
     async def finish(self) -> dict[str, Any]:
@@ -151,12 +163,13 @@ async def hostile(redis_proc: RedisProcess, tmp_path: Path) -> AsyncIterator[Hos
     canaries: Fleet | None = None
     try:
         await svc.ready()
-        canaries = Fleet(4, svc.device_port, recorder, pace=0.05, records=1).start()
+        canaries = Fleet(CANARIES, svc.device_port, recorder, pace=0.05, records=1).start()
         await canaries.wait_acked(5)
         quiet_from = reactor.seconds()
-        await deferLater(1.0)
+        await deferLater(1.0)  # a baseline figure of the canaries' latency (not asserted)
         hostile = Hostile(redis_proc, svc, canaries)
         hostile.baseline = hostile.canary_latency(quiet_from, reactor.seconds())
+        hostile.fds_baseline = hostile.open_fds()
         yield hostile
     finally:
         if canaries is not None and not all(r.called for r in canaries.runs):
@@ -190,6 +203,9 @@ class Peer(protocol.Protocol):
         if self.transport is not None and not self.closed.called:
             self.transport.write(data)
 
+    def wait_closed(self, timeout: float = 5.0) -> defer.Deferred[Any]:
+        return until_closed(self, self.closed, timeout)
+
 
 async def open_peer(port: int) -> Peer:
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
@@ -207,7 +223,7 @@ async def closed_within(peer: Peer, seconds: float) -> float | None:
         timer.cancel()
     if at is None:
         peer.transport.abortConnection()
-        await peer.closed
+        await peer.wait_closed()
         return None
     return float(at) - peer.opened_at
 
@@ -292,6 +308,7 @@ async def random_bytes_rounds(
 async def test_random_bytes(hostile: Hostile) -> None:
     rounds, outcomes = await random_bytes_rounds(hostile, 2)
     latency = hostile.assert_canaries_fine(rounds[0][0], rounds[-1][1])
+    await hostile.gave_back_what_the_attack_opened()
     # nothing random was stored as a record (CRC-valid junk goes to the dead-letter stream)
     attack = {attack_imei(n) for n in range(800)}
     assert not attack & set(hostile.stream_imeis().by_imei)
@@ -305,12 +322,10 @@ async def test_random_bytes(hostile: Hostile) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_random_bytes_memory_returns_to_baseline(hostile: Hostile) -> None:
+async def test_random_bytes_rounds_give_back_what_they_opened(hostile: Hostile) -> None:
     rounds, _ = await random_bytes_rounds(hostile, 4)
-    baseline = rounds[0][2]
+    await hostile.gave_back_what_the_attack_opened()
     emit_figures("hostile_random_bytes_memory", {"rss_kib": [r[2] for r in rounds]})
-    for _, _, rss in rounds[1:]:
-        assert rss - baseline <= RSS_SLACK_KIB, [r[2] for r in rounds]
 
 
 def test_rejected_connections_leave_no_reference_cycles() -> None:
@@ -370,7 +385,7 @@ async def test_truncated_frames(hostile: Hostile) -> None:
         if kind == 0:  # the device gives up mid-frame
             await deferLater(0.05)
             peer.transport.loseConnection()
-            await peer.closed
+            await peer.wait_closed()
         elif kind == 1:  # the rest never comes: the idle timeout closes it
             took = await closed_within(peer, IDLE_TIMEOUT + 3)
             assert took is not None, "a truncated frame held a connection past the idle timeout"
@@ -389,7 +404,12 @@ async def test_truncated_frames(hostile: Hostile) -> None:
     latency = hostile.assert_canaries_fine(start, end)
     assert acked_wrongly == 0
     assert not {attack_imei(n) for n in range(150)} & set(hostile.stream_imeis().by_imei)
-    assert min(closed_by_idle) >= IDLE_TIMEOUT - 0.5
+    # the 50 left mid-frame were closed by the idle timeout, the 50 followed by a frame by
+    # its bad CRC (counts, not times: the times are figures)
+    idle = await hostile.svc.sample("teltonika_disconnects_total", reason="idle_timeout")
+    crc = await hostile.svc.sample("teltonika_disconnects_total", reason="crc_fail")
+    assert (idle, crc) == (50, 50)
+    await hostile.gave_back_what_the_attack_opened()
     figures = await hostile.finish()
     emit_figures(
         "hostile_truncated_frames",
@@ -424,8 +444,7 @@ async def test_declared_length_of_4_gib(hostile: Hostile) -> None:
         rss.append(await hostile.settled_rss())
     end = reactor.seconds()
     latency = hostile.assert_canaries_fine(start, end)
-    for value in rss[1:]:
-        assert value - rss[0] <= RSS_SLACK_KIB, rss
+    await hostile.gave_back_what_the_attack_opened()
     too_large = await hostile.svc.sample(
         "teltonika_frames_total", codec="unknown", result="too_large"
     )
@@ -466,9 +485,10 @@ async def test_slow_loris_handshake(hostile: Hostile) -> None:
     times = await bounded_gather([lambda n=n: one(n) for n in range(200)], 200)
     end = reactor.seconds()
     latency = hostile.assert_canaries_fine(start, end)
-    assert min(times) >= HANDSHAKE_TIMEOUT - 0.2 and max(times) <= HANDSHAKE_TIMEOUT + 1.5
+    # closed by the handshake timeout, each one (the times are figures)
     timeouts = await hostile.svc.sample("teltonika_handshakes_total", result="timeout")
     assert timeouts == 200
+    await hostile.gave_back_what_the_attack_opened()
     figures = await hostile.finish()
     emit_figures(
         "hostile_slow_loris",
@@ -521,15 +541,7 @@ async def test_thousands_of_connections_that_never_send(hostile: Hostile) -> Non
         assert result["closed_by_server"] + result["never_reached_service"] == size, result
         assert result["closed_by_server"] >= 0.95 * size, result
         assert result["bytes_received"] == 0
-        # closed at the handshake timeout; a few that overflowed the listen backlog later
-        assert HANDSHAKE_TIMEOUT - 0.1 <= result["closed_after_s_p50"] <= HANDSHAKE_TIMEOUT + 1
-        assert result["closed_after_s_min"] >= HANDSHAKE_TIMEOUT - 0.1, result
-    baseline = rounds[0]["after_kib"]
-    # the second round of the same size ends where the first did
-    assert rounds[1]["after_kib"] - baseline <= RSS_SLACK_KIB, rounds
-    # twice the attack: its high-water mark stays with the allocator, so 2N is compared
-    # with 2N: the fourth round ends where the third did
-    assert rounds[3]["after_kib"] - rounds[2]["after_kib"] <= RSS_SLACK_KIB, rounds
+        await hostile.gave_back_what_the_attack_opened()
     # what a connection costs while it lasts (the first round's peak over the RSS before
     # any attack), for the record: a leak of a fraction of it would break the checks above
     per_conn = (rounds[0]["peak_kib"] - before) / n
@@ -584,9 +596,9 @@ async def test_device_that_never_reads(hostile: Hostile) -> None:
     rss_after = await hostile.settled_rss()
     for mute in mutes:
         mute.transport.abortConnection()
+    await hostile.gave_back_what_the_attack_opened()
     acked = sum(len(v) for k, v in hostile.stream_imeis().by_imei.items() if k.startswith("99"))
     overflow = await hostile.svc.sample("teltonika_disconnects_total", reason="buffer_overflow")
-    assert rss_after - rss_before <= RSS_SLACK_KIB
     figures = await hostile.finish()
     emit_figures(
         "hostile_never_reads",
@@ -613,26 +625,16 @@ class _FullSocket:
         return getattr(self._real, name)
 
 
-class _SoonPublisher:
-    """Confirms every publish on the next reactor turn (Redis is not what is tested)."""
-
-    inflight = 0
-
-    def publish(self, imei: str, packet: AvlPacket, received_ms: int) -> defer.Deferred[int]:
-        return task.deferLater(reactor, 0, lambda: len(packet.records))
-
-    def drain(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_write_buffer_bounded_when_peer_never_reads() -> None:
     """The real protocol and Twisted TCP transport; the service-side socket reports itself
     full (as once the peer's receive buffer and ours are, after some MB of unread ACKs).
-    Bound: twice Twisted's write ``bufferSize``, past which a producer is paused; closing
-    the connection instead is fine too."""
+    Bound: twice Twisted's write ``bufferSize``, past which a producer is paused. The
+    publisher is a working stub (every packet is published, then ACKed), so the connection
+    stays open and the ACKs really pile up against the full socket."""
+    publisher = SoonPublisher(reactor)
     factory = TeltonikaFactory(
-        publisher=_SoonPublisher(),  # type: ignore[arg-type]
+        publisher=publisher,
         registry=None,
         metrics=Metrics(),
         clock=reactor,
@@ -650,15 +652,17 @@ async def test_write_buffer_bounded_when_peer_never_reads() -> None:
         frame = avl_frame(1, codec="8")
         worst = 0
         for _ in range(250):  # 50,000 packets: 200 KB of ACKs
-            if dev.closed.called:
-                break
+            assert not dev.closed.called and not proto._closing, "the connection was closed"
             dev.send(frame * 200)
             await deferLater(0.01)
             worst = max(
                 worst, transport._tempDataLen + len(transport.dataBuffer) - transport.offset
             )
-        closed = dev.closed.called or proto._closing
-        assert closed or worst <= bound, f"{worst} bytes of ACKs buffered (bound {bound})"
+        # the stub works: packets were published (and ACKed into the full socket) until
+        # reading paused, and reading did pause
+        assert 4 * publisher.published > transport.bufferSize, publisher.published
+        assert proto._write_blocked, "the transport never paused the connection"
+        assert worst <= bound, f"{worst} bytes of ACKs buffered (bound {bound})"
     finally:
         for proto in list(factory.connections):
             if proto.transport is not None:
@@ -755,7 +759,8 @@ async def test_malformed_command_entries(hostile: Hostile) -> None:
     # recreates its group, and the next command goes through
     redis.cmd("DEL", key)
     redis.cmd("SET", key, "not a stream")
-    await deferLater(1.5)
+    # the router's next read fails (WRONGTYPE) and it says so: then the key is mended
+    await wait_for(lambda: "cannot read commands from" in hostile.svc.log_tail(20_000), 15)
     redis.cmd("DEL", key)
     redis.cmd("XADD", key, "*", "id", "valid-2", "imei", imei, "text", "getver")
     await wait_for(
@@ -763,9 +768,9 @@ async def test_malformed_command_entries(hostile: Hostile) -> None:
     )
     assert next(r for r in outcomes() if r.get("id") == "valid-2")["status"] == "ok"
     rss_after = await hostile.settled_rss()
-    assert rss_after - rss_before <= RSS_SLACK_KIB
     dev.transport.loseConnection()
     await serving
+    await hostile.gave_back_what_the_attack_opened()
     figures = await hostile.finish()
     emit_figures(
         "hostile_malformed_commands",

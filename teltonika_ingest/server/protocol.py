@@ -8,7 +8,7 @@ written: ``TeltonikaProtocol._published`` -> ``Session.published`` -> ``Send(ack
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -41,10 +41,6 @@ from teltonika_ingest.server.session import (
     State,
 )
 
-if TYPE_CHECKING:
-    from teltonika_ingest.server.publisher import Publisher
-    from teltonika_ingest.server.registry import Registry
-
 log = Logger()
 
 # How long a closing connection may take to flush its last bytes before it is aborted
@@ -73,6 +69,30 @@ class SessionSettings:
 _FRAME_DONE = frozenset(
     {Publish, DeadLetter, DeviceMessage, CommandAnswered, KeepAliveSeen, FrameRejected}
 )
+
+
+class PacketPublisher(TypingProtocol):
+    """What a device connection needs of the publisher (``publisher.Publisher``); test
+    fakes implement the same, and type-check against it."""
+
+    #: ``clock.seconds()`` when Redis last answered a publish (``teltonika_reply_to_ack_seconds``)
+    replied_at: float
+
+    def publish_frame(
+        self, imei: str, frame: AvlFrame, received_ms: int, frame_at: float | None = None
+    ) -> defer.Deferred[int]: ...
+
+    def dead_letter(
+        self, imei: str, codec: str, reason: str, raw: bytes, received_ms: int
+    ) -> defer.Deferred[Any]: ...
+
+
+class DeviceRegistry(TypingProtocol):
+    """Where accepted IMEIs are registered (``registry.Registry``)."""
+
+    def register(self, imei: str) -> Any: ...
+
+    def unregister(self, imei: str) -> Any: ...
 
 
 class Authority(TypingProtocol):
@@ -600,8 +620,8 @@ class TeltonikaFactory(Factory):
     def __init__(
         self,
         *,
-        publisher: Publisher,
-        registry: Registry | None,
+        publisher: PacketPublisher,
+        registry: DeviceRegistry | None,
         metrics: Metrics,
         clock: IReactorTime,
         settings: SessionSettings | None = None,
