@@ -299,9 +299,9 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "1024",
         "positive-int",
         "packets (and dead letters) handed to Redis and not yet confirmed, across the "
-        "process; beyond that they wait, and once as many wait, reading from devices pauses until none does "
-        "(teltonika_publish_backpressure_total); a packet arriving while 8 times as many wait "
-        "is not ACKed (teltonika_publish_overflow_total)",
+        "process; beyond that they wait, and once as many wait, reading from devices pauses "
+        "until none does (teltonika_publish_backpressure_total); a packet arriving while 8 "
+        "times as many wait is not ACKed (teltonika_publish_overflow_total)",
         why="enough to keep Redis busy under thousands of devices; when Redis or this process "
         "falls behind, devices wait with their data instead of being refused and reconnecting, "
         "and memory stays bounded.",

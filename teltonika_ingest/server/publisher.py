@@ -8,10 +8,11 @@ client's command runs while a script runs; the script checks the whole batch (ke
 argument shape) before its first write; and out of memory Redis refuses only a script's first
 write (see :data:`PUBLISH_SCRIPT`), so a refused batch wrote nothing. Proven against a real
 ``redis-server`` under ``maxmemory`` + ``noeviction`` in tests/test_publisher_redis.py. Not
-covered: Redis dying in the middle of a script (its AOF then holds the script's writes as one
-``MULTI``/``EXEC``, and Redis drops a truncated one when it loads the file). The caller ACKs a device only when its packet's Deferred fires, which is
-after Redis answered the whole batch. A batch is sent at the end of the current pass, or at
-once when it reaches :data:`BATCH_MAX_RECORDS` records or :data:`BATCH_MAX_BYTES` bytes.
+tested here: Redis dying in the middle of a script (Redis propagates a script's writes to its
+AOF and replicas as one ``MULTI``/``EXEC`` once the script has finished). The caller ACKs a
+device only when its packet's Deferred fires, which is after Redis answered the whole batch.
+A batch is sent at the end of the current pass, or at once when it reaches
+:data:`BATCH_MAX_RECORDS` records or :data:`BATCH_MAX_BYTES` bytes.
 
 Why batches: one script call per packet cost the service ~20 µs of Redis client work and
 Redis ~25 µs per call on top of each XADD; measured in BENCHMARKS.md ("Batching").
