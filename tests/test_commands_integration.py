@@ -32,6 +32,7 @@ from teltonika_ingest.server.commands.router import CommandRouter
 import test_service_integration as service_integration
 from device import expect_frame, http_get, wait_for
 from redisproc import RedisProcess
+from support import avl_frame
 
 pytestmark = pytest.mark.integration
 
@@ -490,3 +491,56 @@ async def test_cli_errors(service: Running, redis_proc: RedisProcess, tmp_path: 
     assert code == 1 and "15 decimal digits" in err
     out, err, code = await run_cli(redis_proc, tmp_path, IMEI, "abc", "--hex")
     assert code == 1 and "hex" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_frame_per_command_when_the_reader_reads_its_pending_entries_again(
+    service: Running, redis_proc: RedisProcess
+) -> None:
+    """The production path (the router's own stream reader): its connection drops while a
+    command is in flight and another is queued on the device's session; back, it reads its
+    pending entries again (``XREADGROUP ... 0``), both of them included. The device must
+    still receive exactly one frame per command id."""
+    reader = service.router.reader
+    reads: list[tuple[Any, ...]] = []
+    execute = reader.execute
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        reads.append(args)
+        return execute(*args, **kw)
+
+    reader.execute = spy
+    dev = await service.device()
+    first = add(redis_proc, text="getver", timeout_s="60")
+    second = add(redis_proc, text="getinfo", timeout_s="60")
+    assert decode_command_frame(await expect_frame(dev)).payload == b"getver"
+    assert pending_count(redis_proc) == 2  # both read, one in flight, one queued
+
+    def blocked_reader_ids() -> list[str]:
+        lines = _text(redis_proc.cmd("CLIENT", "LIST")).splitlines()
+        return [f.split("=")[1] for line in lines if "cmd=xreadgroup" in line
+                for f in line.split() if f.startswith("id=")]  # fmt: skip
+
+    await wait_for(lambda: len(blocked_reader_ids()) == 1)
+    (reader_id,) = blocked_reader_ids()
+    reads.clear()
+    redis_proc.cmd("CLIENT", "KILL", "ID", reader_id)
+    # the race provoked: the reader read its pending entries again, from the start
+    await wait_for(
+        lambda: (
+            any(a[0] == "XREADGROUP" and a[-1] == "0" for a in reads)
+            and blocked_reader_ids() not in ([], [reader_id])
+        ),
+        timeout=15,
+    )
+    dev.send(answer(b"Ver:1"))
+    assert decode_command_frame(await expect_frame(dev)).payload == b"getinfo"
+    dev.send(answer(b"Info:1"))
+    assert (await outcome(redis_proc, first))["status"] == "ok"
+    assert (await outcome(redis_proc, second))["status"] == "ok"
+    # a packet now: its ACK is the next thing the device gets (TCP keeps order), so a
+    # command frame sent again would arrive before it
+    dev.send(avl_frame(1))
+    assert await dev.expect(4) == b"\x00\x00\x00\x01"
+    assert pending_count(redis_proc) == 0
+    await dev.close()
