@@ -814,8 +814,9 @@ async def test_registry_field_kept_when_unregister_is_reordered_by_noscript(
 ) -> None:
     """The device closes and reconnects to the same instance while Redis stalls (here a
     CLIENT PAUSE of 1 s), before the compare-and-delete script is in Redis's script cache
-    (a fresh or restarted Redis, SCRIPT FLUSH). The device is connected: its field must stay."""
-    running = await start(redis_proc, tmp_path)
+    (a fresh or restarted Redis, SCRIPT FLUSH). The device is connected: its field must stay.
+    The command timeout (5 s) outlasts the pause: the unregister is answered, not timed out."""
+    running = await start(redis_proc, tmp_path, "--publish-timeout", "5")
     try:
         dev = await running.device()
         await wait_for(lambda: redis_proc.cmd("HGET", REGISTRY, IMEI) == "test-a")
@@ -851,7 +852,7 @@ async def test_registry_field_kept_when_unregister_is_reordered_by_the_pool(
     compare-and-delete, whichever connection Redis serves first after the stall."""
     from teltonika_ingest.server.registry import COMPARE_AND_DELETE
 
-    running = await start(redis_proc, tmp_path)
+    running = await start(redis_proc, tmp_path, "--publish-timeout", "5")
     try:
         redis_proc.cmd("SCRIPT", "LOAD", COMPARE_AND_DELETE.source)
         dev = await running.device()
