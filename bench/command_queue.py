@@ -26,6 +26,7 @@ from typing import Any
 import hiredis
 
 from bench.e2e import redis_server
+from teltonika_ingest.redis.resp import encode_command
 from teltonika_ingest.server.commands.queue import ACCEPT, CLAIM, EXPIRY_KEY, SWEEP
 
 
@@ -35,12 +36,7 @@ class Conn:
         self.reader = hiredis.Reader()
 
     def pipeline(self, commands: list[list[Any]]) -> list[Any]:
-        out = []
-        for cmd in commands:
-            parts = [str(a).encode() for a in cmd]
-            out.append(b"*%d\r\n" % len(parts))
-            out += [b"$%d\r\n%s\r\n" % (len(p), p) for p in parts]
-        self.sock.sendall(b"".join(out))
+        self.sock.sendall(b"".join(encode_command(cmd) for cmd in commands))
         replies: list[Any] = []
         while len(replies) < len(commands):
             reply = self.reader.gets()

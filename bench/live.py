@@ -66,6 +66,7 @@ def feed(args: argparse.Namespace) -> int:
     import socket
 
     from teltonika_ingest.codec import AvlRecord, format_timestamp, record_payload
+    from teltonika_ingest.redis.resp import encode_command
 
     sock = socket.create_connection(("127.0.0.1", args.redis_port), 10)
     reader = sock.makefile("rb")
@@ -97,9 +98,7 @@ def feed(args: argparse.Namespace) -> int:
             args_ = [b"XADD", args.stream.encode(), b"MAXLEN", b"~", b"200000", b"*",
                      b"imei", imeis[i].encode(), b"codec", b"8E", b"ts", b"%d" % now_ms,
                      b"payload", payload]  # fmt: skip
-            cmds.append(
-                b"*%d\r\n" % len(args_) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args_)
-            )
+            cmds.append(encode_command(args_))
         sock.sendall(b"".join(cmds))
         for _ in cmds:
             line = reader.readline()
