@@ -172,7 +172,9 @@ async def test_resend_is_a_duplicate_not_a_second_row(
 async def test_postgres_down_nothing_acknowledged_then_everything_exactly_once(
     redis_session: RedisProcess, pg_server: PgProcess, pg_url: str, tmp_path: Path
 ) -> None:
-    running = await start_processor(redis_session, pg_url, tmp_path, "--write-retry-max", "0.5")
+    running = await start_processor(
+        redis_session, pg_url, tmp_path, "--write-retry-max", "0.5", "--batch-size", "20"
+    )
     try:
         add_many(redis_session, 50, devices=5)
         await wait_for(lambda: count_rows(pg_url) == 50, timeout=10)

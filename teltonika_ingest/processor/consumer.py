@@ -1,6 +1,6 @@
 """The stream consumer: read, decode, write, acknowledge; claim; dead-letter.
 
-One loop, one batch in flight:
+One loop; one batch being written while the next one is read and decoded:
 
 1. ``XGROUP CREATE <stream> <group> 0 MKSTREAM`` (nothing added before the first start is
    missed; an existing group is kept);
@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import psycopg
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -92,6 +93,14 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+@attrs.define
+class _Batch:
+    rows: list[PositionRow]
+    poison: list[tuple[str, dict[str, Any], str]]
+    gone: list[str]
+    by_id: dict[str, dict[str, Any]]
+
+
 class _Abandoned(Exception):
     """The batch was not written: shutting down while PostgreSQL failed."""
 
@@ -152,6 +161,7 @@ class Consumer(Service):
         self._claim_due = True
         self._sleeping: Deferred[None] | None = None
         self._loop: Deferred[None] | None = None
+        self._inflight: Deferred[None] | None = None
         self._claimer: LoopingCall | None = None
         self._lagger: LoopingCall | None = None
         self._write_failing_since: float | None = None
@@ -221,6 +231,7 @@ class Consumer(Service):
             try:
                 if self._claim_due:
                     self._claim_due = False
+                    await self._settle()
                     await self._claim_pass()
                     continue
                 if own_cursor is not None:
@@ -235,11 +246,25 @@ class Consumer(Service):
                     entries = await self._read(">")
                     if not entries:
                         continue
-                await self._process(entries)
+                # decode this batch while the previous one is being written (on the
+                # database thread), then write it once that one is committed and acknowledged
+                batch = self._prepare(entries)
+                await self._settle()
+                self._inflight = defer.ensureDeferred(self._commit(batch))
             except Exception:
                 log.failure("consumer: unexpected error; going on", level=LogLevel.critical)
                 await self._sleep(_READ_BACKOFF_MAX)
+        await self._settle()
         log.info("consumer stopped reading ({batches} batches)", batches=self.batches)
+
+    async def _settle(self) -> None:
+        """Wait for the batch being written (and acknowledged), if any."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            try:
+                await inflight
+            except Exception:
+                log.failure("consumer: batch write failed unexpectedly", level=LogLevel.critical)
 
     async def _ensure_group(self) -> None:
         delay = _READ_BACKOFF_MIN
@@ -316,6 +341,10 @@ class Consumer(Service):
     # ------------------------------------------------------------------ one batch
 
     async def _process(self, entries: list[Entry]) -> None:
+        await self._commit(self._prepare(entries))
+
+    def _prepare(self, entries: list[Entry]) -> _Batch:
+        """Decode a batch (CPU only)."""
         self.metrics.records.inc(len(entries))
         rows: list[PositionRow] = []
         poison: list[tuple[str, dict[str, Any], str]] = []
@@ -338,6 +367,11 @@ class Consumer(Service):
                 stream=self.stream,
             )
         by_id = {entry_id: fields for entry_id, fields in entries if fields is not None}
+        return _Batch(rows, poison, gone, by_id)
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Write the rows, XACK, dead-letter or leave pending the poison entries."""
+        rows, poison, gone, by_id = batch.rows, batch.poison, batch.gone, batch.by_id
         try:
             written, refused = await self._write(rows)
         except _Abandoned:
@@ -383,7 +417,9 @@ class Consumer(Service):
                     for device_id in cold:
                         self.state.seed(device_id, loaded.get(device_id))
                 advance = [
-                    d for d, row in newest.items() if self.state.advances(d, LastPosition.of(row))
+                    row
+                    for d, row in newest.items()
+                    if self.state.advances(d, LastPosition.of(row))
                 ]
                 started = time.perf_counter()
                 inserted = await self.writer.run(self.write_fn, rows, advance)

@@ -113,38 +113,61 @@ def _flag(payload: Mapping[str, Any], key: str) -> bool | None:
     raise DecodeError(f"{key} is not a boolean")
 
 
-def _attributes(raw: Any) -> tuple[dict[int, int | bytes], str]:
-    if not isinstance(raw, dict):
-        raise DecodeError("attributes is not an object")
-    exact: dict[int, int | bytes] = {}
-    stored: dict[str, int | str] = {}
-    for key, value in raw.items():
+# IO id text -> int for every valid id seen (at most 65536 entries): the per-key check
+# runs once per id, not once per record
+_IO_IDS: dict[str, int] = {}
+
+
+def _io_id(key: str) -> int:
+    io_id = _IO_IDS.get(key)
+    if io_id is None:
         if not (key.isdigit() and key.isascii() and len(key) <= 5 and int(key) <= 65535):
             raise DecodeError(f"attribute key {key[:20]!r} is not an IO id 0..65535")
-        io_id = int(key)
+        io_id = _IO_IDS[key] = int(key)
+    return io_id
+
+
+def _sentinel(key: str, value: Any) -> tuple[int | bytes, int | str]:
+    """(exact value, stored value) of a sentinel object."""
+    if isinstance(value, dict) and len(value) == 1 and "__bigint" in value:
+        digits = value["__bigint"]
+        if not (isinstance(digits, str) and digits.isdigit() and digits.isascii()):
+            raise DecodeError(f"attribute {key}: __bigint is not an unsigned decimal")
+        number = int(digits)
+        if number > U64_MAX:
+            raise DecodeError(f"attribute {key}: __bigint {digits[:30]} is above 2^64-1")
+        return number, number
+    if isinstance(value, dict) and len(value) == 1 and "__buffer_b64" in value:
+        text = value["__buffer_b64"]
+        if not isinstance(text, str):
+            raise DecodeError(f"attribute {key}: __buffer_b64 is not text")
+        try:
+            return binascii.a2b_base64(text, strict_mode=True), text
+        except (binascii.Error, ValueError):
+            raise DecodeError(f"attribute {key}: __buffer_b64 is not base64") from None
+    raise DecodeError(f"attribute {key} is neither an integer nor a known sentinel")
+
+
+def _attributes(raw: Any) -> tuple[dict[int, int | bytes], str]:
+    """(exact values by IO id, the jsonb text: 8-byte values as numbers, buffers as
+    base64 strings)."""
+    if type(raw) is not dict:
+        raise DecodeError("attributes is not an object")
+    exact: dict[int, int | bytes] = {}
+    stored: dict[str, Any] = raw  # copied only when a sentinel must be replaced
+    for key, value in raw.items():
+        io_id = _IO_IDS.get(key)
+        if io_id is None:
+            io_id = _io_id(key)
         if type(value) is int:
-            if not 0 <= value <= U32_MAX:
+            if value < 0 or value > U32_MAX:
                 raise DecodeError(f"attribute {key} value {value} is out of range 0..2^32-1")
-            exact[io_id] = stored[key] = value
-        elif isinstance(value, dict) and len(value) == 1 and "__bigint" in value:
-            digits = value["__bigint"]
-            if not (isinstance(digits, str) and digits.isdigit() and digits.isascii()):
-                raise DecodeError(f"attribute {key}: __bigint is not an unsigned decimal")
-            number = int(digits)
-            if number > U64_MAX:
-                raise DecodeError(f"attribute {key}: __bigint {digits[:30]} is above 2^64-1")
-            exact[io_id] = stored[key] = number
-        elif isinstance(value, dict) and len(value) == 1 and "__buffer_b64" in value:
-            text = value["__buffer_b64"]
-            if not isinstance(text, str):
-                raise DecodeError(f"attribute {key}: __buffer_b64 is not text")
-            try:
-                exact[io_id] = binascii.a2b_base64(text, strict_mode=True)
-            except (binascii.Error, ValueError):
-                raise DecodeError(f"attribute {key}: __buffer_b64 is not base64") from None
-            stored[key] = text
+            exact[io_id] = value
         else:
-            raise DecodeError(f"attribute {key} is neither an integer nor a known sentinel")
+            exact[io_id], plain = _sentinel(key, value)
+            if stored is raw:
+                stored = dict(raw)
+            stored[key] = plain
     return exact, orjson.dumps(stored).decode()
 
 
