@@ -5,6 +5,11 @@
 #       -e REDIS_URL=redis://redis:6379/0 -e TELTONIKA_INSTANCE_ID=ingest-1 teltonika-ingest
 #
 # Needs an external Redis (REDIS_URL): the image has no redis-server for the embedded one.
+# The same image runs the processor (external Redis and PostgreSQL; metrics on 9092):
+#   docker run --read-only -e REDIS_URL=redis://redis:6379/0 \
+#       -e DATABASE_URL=postgresql://teltonika:pw@db/teltonika -e PROCESSOR_METRICS=tcp:9092 \
+#       -e PROCESSOR_CONSUMER=processor-1 teltonika-ingest twistd -n --pidfile= teltonika-processor
+# (deploy/compose.yaml puts both together.)
 # Stop with `docker stop -t 40` (or stop_grace_period / terminationGracePeriodSeconds above
 # --shutdown-timeout, 30 s): docker's default 10 s cuts the graceful shutdown short.
 
@@ -39,6 +44,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # would otherwise try, and fail noisily, to write it at every start.
 RUN python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && twistd --help | grep -q teltonika-ingest \
+    && twistd --help | grep -q teltonika-processor \
     && useradd --system --uid 10001 --user-group --no-create-home \
         --home-dir /var/lib/teltonika-ingest --shell /usr/sbin/nologin teltonika \
     && install -d -o teltonika -g teltonika -m 0750 /var/lib/teltonika-ingest

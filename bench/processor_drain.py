@@ -32,12 +32,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pgproc import PgProcess  # noqa: E402
-from redisproc import RedisProcess  # noqa: E402
-
 from teltonika_ingest.codec import record_payload  # noqa: E402
 from teltonika_ingest.codec.payload import format_timestamp  # noqa: E402
 from teltonika_ingest.sim.traffic import build_packet  # noqa: E402
+
+from pgproc import PgProcess  # noqa: E402
+from redisproc import RedisProcess  # noqa: E402
 
 STREAM = "telemetry:teltonika"
 
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         async def rounds(reactor: Any) -> None:
             for r in range(args.repeat):
                 for mode in ("copy", "plain"):
-                    limit = args.records if mode == "copy" else min(args.plain_records, args.records)
+                    limit = (
+                        args.records if mode == "copy" else min(args.plain_records, args.records)
+                    )
                     url = pg.create_database(f"bench_{mode}_{r}")
                     result = await drain(redis, url, f"{mode}-{r}", mode, limit,
                                          args.batch_size, args.timeout)  # fmt: skip

@@ -60,12 +60,13 @@ def unit(path: Path) -> configparser.ConfigParser:
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
     analyze = tool("systemd-analyze", "apt-get install -y systemd")
-    for name in ("teltonika-ingest.service", "teltonika-ingest.socket"):
+    names = ("teltonika-ingest.service", "teltonika-ingest.socket", "teltonika-processor.service")
+    for name in names:
         text = (DEPLOY / name).read_text()
         # verify checks that ExecStart's binary exists: point it at this venv's twistd
         (tmp_path / name).write_text(text.replace(UNIT_TWISTD, str(TWISTD)))
     result = subprocess.run(
-        [analyze, "verify", "teltonika-ingest.service", "teltonika-ingest.socket"],
+        [analyze, "verify", *names],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -97,6 +98,17 @@ def test_units_agree_with_each_other_and_the_service() -> None:
     assert svc["LimitNOFILE"] == "65536"
     assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
     assert svc["CapabilityBoundingSet"] == ""
+
+
+def test_processor_unit() -> None:
+    from teltonika_ingest.config import ProcessorConfig
+
+    svc = unit(DEPLOY / "teltonika-processor.service")["Service"]
+    assert svc["ExecStart"].startswith(UNIT_TWISTD + " --nodaemon --pidfile= teltonika-processor ")
+    assert "--config /etc/teltonika-processor/processor.conf" in svc["ExecStart"]
+    assert svc["KillSignal"] == "SIGTERM" and svc["Restart"] == "on-failure"
+    assert float(svc["TimeoutStopSec"].removesuffix("s")) > ProcessorConfig().shutdown_timeout
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
 
 
 # --------------------------------------------------------------------------- Dockerfile

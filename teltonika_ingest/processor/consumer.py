@@ -417,9 +417,7 @@ class Consumer(Service):
                     for device_id in cold:
                         self.state.seed(device_id, loaded.get(device_id))
                 advance = [
-                    row
-                    for d, row in newest.items()
-                    if self.state.advances(d, LastPosition.of(row))
+                    row for d, row in newest.items() if self.state.advances(d, LastPosition.of(row))
                 ]
                 started = time.perf_counter()
                 inserted = await self.writer.run(self.write_fn, rows, advance)
@@ -453,6 +451,10 @@ class Consumer(Service):
             self._write_failing_since = None
         self.write_failing = None
         self.metrics.postgres_up.set(1)
+        committed = time.time()
+        observe = self.metrics.commit_delay.observe
+        for row in rows:
+            observe(committed - row.received_at.timestamp())
         self.metrics.writes.labels("inserted").inc(inserted)
         self.metrics.writes.labels("duplicate").inc(len(rows) - inserted)
         for device_id, row in newest.items():

@@ -12,6 +12,7 @@ prometheus_client.disable_created_metrics()
 READ_RESULTS = ("ok", "empty", "error")
 WRITE_STATUSES = ("inserted", "duplicate", "failed")
 
+_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -56,6 +57,13 @@ class ProcessorMetrics:
             "processor_write_duration_seconds",
             "Time of one successful batch write (COPY, INSERT, last_positions, COMMIT).",
             buckets=_WRITE_BUCKETS,
+            registry=registry,
+        )
+        self.commit_delay = Histogram(
+            "processor_commit_delay_seconds",
+            "Seconds from the ingest receiving a record (its received_at) to its row's "
+            "COMMIT: an upper bound of ACK-to-visible, clock skew between hosts included.",
+            buckets=_DELAY_BUCKETS,
             registry=registry,
         )
         self.write_retries = Counter(
