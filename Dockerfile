@@ -9,7 +9,7 @@
 #   docker run --read-only -e REDIS_URL=redis://redis:6379/0 \
 #       -e DATABASE_URL=postgresql://teltonika:pw@db/teltonika -e PROCESSOR_METRICS=tcp:9092 \
 #       -e PROCESSOR_CONSUMER=processor-1 teltonika-ingest twistd -n --pidfile= teltonika-processor
-# (deploy/compose.yaml puts both together.)
+# (compose.yaml puts both together, with Redis and PostgreSQL.)
 # Stop with `docker stop -t 40` (or stop_grace_period / terminationGracePeriodSeconds above
 # --shutdown-timeout, 30 s): docker's default 10 s cuts the graceful shutdown short.
 
