@@ -241,6 +241,18 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "the worst case, real buffers hold one partial frame).",
     ),
     OptionSpec(
+        "max-buffered-bytes",
+        "TELTONIKA_MAX_BUFFERED_BYTES",
+        "268435456",
+        "count",
+        "bytes of partial frames buffered across all connections; beyond it the devices "
+        "with the biggest buffers are not read until the total is under three quarters of "
+        "it (teltonika_memory_pauses_total); 0 = no global bound",
+        why="256 MiB: 4,000 connections each holding a whole 64 KiB frame, far more than real "
+        "devices buffer (a partial frame of a few hundred bytes while it arrives), while "
+        "100,000 parked connections could otherwise ask for --max-buffer each (25 GB).",
+    ),
+    OptionSpec(
         "max-connections",
         "TELTONIKA_MAX_CONNECTIONS",
         "0",
@@ -1290,6 +1302,7 @@ class Config:
     idle_timeout: float = _DEFAULTS["idle-timeout"]
     max_frame_size: int = _DEFAULTS["max-frame-size"]
     max_buffer: int = _DEFAULTS["max-buffer"]
+    max_buffered_bytes: int = _DEFAULTS["max-buffered-bytes"]  # 0: no global bound
     max_connections: int = _DEFAULTS["max-connections"]  # 0: unlimited
     max_connections_per_address: int = _DEFAULTS["max-connections-per-address"]  # 0: unlimited
     frame_timeout: float = _DEFAULTS["frame-timeout"]  # 0: no deadline

@@ -22,6 +22,7 @@ from twisted.web.client import Agent, ResponseNeverReceived, readBody
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import check_server_endpoint, with_backlog
 from teltonika_ingest.server.budget import DeviceBudget, RepeatLimiter
+from teltonika_ingest.server.protocol import PRESSURE_READ_SIZE, READ_SIZE
 
 from device import connect_device, deferLater, wait_for
 from redisproc import RedisProcess
@@ -643,3 +644,179 @@ def test_suppressed_warnings_are_reported() -> None:
     lines = [e for e in events if "repeated warnings suppressed" in e.get("log_format", "")]
     assert len(lines) == 1 and lines[0]["total"] == 3
     assert "356307042441013 x3" in lines[0]["top"]
+
+
+# --------------------------------------------------------------------------- buffer memory
+
+
+def partial(size: int) -> bytes:
+    """A handshake's worth of nothing: a frame header declaring 60,000 data bytes and
+    ``size - 8`` of them (never complete)."""
+    return b"\x00\x00\x00\x00" + struct.pack(">I", 60_000) + b"\x08" * (size - 8)
+
+
+def test_buffer_budget_stops_reading_the_biggest_buffers() -> None:
+    h = Harness(max_buffered_bytes=100_000, frame_timeout=0)
+    conns = [h.handshaken(port=p, imei=f"35{p:013d}") for p in range(1, 6)]
+    sizes = [10_000, 40_000, 30_000, 5_000, 14_000]  # 99,000: within the budget
+    for (proto, _t), size in zip(conns, sizes, strict=True):
+        proto.dataReceived(partial(size))
+    assert h.factory.buffered_total == 99_000
+    assert h.sample("teltonika_buffered_bytes") == 99_000
+    assert all(t.producerState == "producing" for _p, t in conns)
+    conns[3][0].dataReceived(b"\x00" * 2_000)  # 101,000: over it
+    paused = [t.producerState == "paused" for _p, t in conns]
+    # the biggest first, until those still read hold at most half the budget
+    assert paused == [False, True, True, False, False]
+    assert h.sample("teltonika_memory_pauses_total") == 2
+    # the others are read in small pieces now, and one whose buffer grows stops too
+    assert conns[4][1].bufferSize == PRESSURE_READ_SIZE  # type: ignore[attr-defined]
+    conns[4][0].dataReceived(b"\x00" * 1_000)
+    assert conns[4][1].producerState == "paused"
+    proto6, t6 = h.handshaken(port=6, imei=f"35{6:013d}")
+    proto6.dataReceived(avl_frame(1))  # a whole frame: taken, ACKed, not paused
+    h.publisher.calls[-1][2].callback(1)
+    assert t6.producerState == "producing" and t6.value() == struct.pack(">I", 1)
+    assert h.sample("teltonika_memory_pauses_total") == 3
+    # the paused ones stay paused while the total is above 3/4 of the budget ...
+    conns[0][0].connectionLost()
+    assert [t.producerState for _p, t in conns[1:3]] == ["paused", "paused"]
+    # ... and read again (in whole reads) once it is below
+    conns[1][0].connectionLost()
+    assert h.factory.buffered_total == 30_000 + 7_000 + 15_000
+    assert [conns[i][1].producerState for i in (2, 3, 4)] == ["producing"] * 3
+    assert conns[4][1].bufferSize == READ_SIZE  # type: ignore[attr-defined]
+
+
+def test_buffer_budget_off() -> None:
+    h = Harness(max_buffered_bytes=0, frame_timeout=0)
+    proto, transport = h.handshaken()
+    proto.dataReceived(partial(60_000))
+    assert transport.producerState == "producing"
+    assert h.factory.buffered_total == 60_000
+
+
+def test_buffer_released_on_close() -> None:
+    h = Harness(frame_timeout=0)
+    proto, _t = h.handshaken()
+    proto.dataReceived(partial(50_000))
+    assert proto.session is not None and proto.session.buffered == 50_000
+    proto.connectionLost()
+    assert proto.session.buffered == 0 and len(proto.session._framer._buf) == 0
+    assert h.factory.buffered_total == 0
+    assert h.sample("teltonika_buffered_bytes") == 0
+
+
+def test_buffer_total_follows_consumed_frames() -> None:
+    h = Harness(frame_timeout=0)
+    proto, _transport = h.handshaken()
+    frame = avl_frame(2)
+    proto.dataReceived(frame + frame[:10])  # one whole frame and the start of the next
+    assert h.factory.buffered_total == 10  # the first frame was taken whole
+    h.publisher.calls[0][2].callback(2)
+    assert h.factory.buffered_total == 10
+    proto.dataReceived(frame[10:50])
+    assert h.factory.buffered_total == 50
+    proto.dataReceived(frame[50:])
+    h.publisher.calls[1][2].callback(2)
+    assert h.factory.buffered_total == 0
+
+
+def test_malloc_trim_after_many_closed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import teltonika_ingest.server.protocol as protocol_module
+
+    trims: list[float] = []
+    monkeypatch.setattr(protocol_module, "malloc_trim", lambda: trims.append(1) or True)
+    h = Harness(frame_timeout=0)
+    for p in range(200):  # 200 x 60 KB = 12 MB of buffers closed
+        proto, _t = h.handshaken(port=p + 1, imei=f"35{p:013d}")
+        proto.dataReceived(partial(60_000))
+        proto.connectionLost()
+    assert trims == []  # not at once: after the burst
+    h.clock.advance(1.0)
+    assert trims == [1]
+    for p in range(200):
+        proto, _t = h.handshaken(port=p + 1, imei=f"36{p:013d}")
+        proto.dataReceived(partial(60_000))
+        proto.connectionLost()
+    h.clock.advance(1.0)
+    assert trims == [1]  # at most every TRIM_EVERY_S (2 s)
+    h.clock.advance(1.0)
+    assert trims == [1, 1]
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_buffer_budget_holds_parked_frames_off(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """20 peers park 60 KB partial frames against a 256 KB budget: the service stops reading
+    them (the kernel holds the rest), its buffers stay near the budget, a real device is
+    still ACKed, and the frame deadline closes the parked peers."""
+    budget = 256_000
+    svc = ServiceProcess(
+        redis_proc, tmp_path, "abuse",
+        "--max-buffered-bytes", str(budget), "--frame-timeout", "3",
+    ).start()  # fmt: skip
+    peers: list[Any] = []
+    try:
+        await svc.ready()
+        for n in range(20):
+            peer = await open_peer(svc.device_port)
+            peer.send(encode_imei(attack_imei(n)) + partial(60_000))
+            peers.append(peer)
+
+        async def paused() -> bool:
+            return await svc.sample("teltonika_memory_pauses_total") >= 1
+
+        await wait_for(paused, timeout=10)
+        buffered = await svc.sample("teltonika_buffered_bytes")
+        # the budget, the read that crossed it, and at most one small read per connection
+        assert buffered <= budget + READ_SIZE + 20 * PRESSURE_READ_SIZE, buffered
+        dev = await connect_device(svc.device_port)
+        dev.send(HANDSHAKE)
+        assert await dev.expect(1) == b"\x01"
+        dev.send(avl_frame(3))
+        assert await dev.expect(4) == struct.pack(">I", 3)
+        for peer in peers:  # paused or not, the frame deadline closes them
+            assert await closed_within(peer, 10.0) is not None
+        dev.transport.loseConnection()
+
+        async def released() -> bool:
+            return await svc.sample("teltonika_buffered_bytes") == 0
+
+        await wait_for(released, timeout=10)
+        await svc.assert_no_errors()
+    finally:
+        for peer in peers:
+            if not peer.closed.called:
+                peer.transport.abortConnection()
+        svc.kill()
+
+
+# --------------------------------------------------------------------------- stop without Redis
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_stop_with_redis_refusing_connections_is_clean_and_quick(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """OPERATIONS.md: with Redis refusing connections (stopped), every step that needs it
+    fails at once, so a stop is a clean one and does not run out --shutdown-timeout."""
+    import signal
+
+    svc = ServiceProcess(redis_proc, tmp_path, "abuse").start()
+    try:
+        await svc.ready()
+        dev = await connect_device(svc.device_port)
+        dev.send(HANDSHAKE)
+        assert await dev.expect(1) == b"\x01"
+        redis_proc.stop()  # connections are refused from now on
+        status = await svc.terminate(timeout=15.0)  # far below the 30 s budget (or fails)
+        log = svc.log_path.read_text()
+        assert status in (0, -signal.SIGTERM), log[-2000:]
+        assert "shutdown complete" in log
+        assert "exiting with status 1" not in log
+    finally:
+        svc.kill()

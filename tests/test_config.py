@@ -148,6 +148,7 @@ SAMPLES: dict[str, tuple[list[str], str, str]] = {
     "max-frame-size": (["--max-frame-size", "1000"], "1001", "1002"),
     "max-buffer": (["--max-buffer", "300000"], "300001", "300002"),
     "max-connections": (["--max-connections", "1"], "2", "3"),
+    "max-buffered-bytes": (["--max-buffered-bytes", "0"], "2", "3"),
     "max-connections-per-address": (["--max-connections-per-address", "1"], "2", "3"),
     "frame-timeout": (["--frame-timeout", "0"], "2", "3.5"),
     "listen-backlog": (["--listen-backlog", "1"], "2", "3"),

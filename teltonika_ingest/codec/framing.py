@@ -83,6 +83,15 @@ class Framer:
         """Bytes held, not yet consumed."""
         return len(self._buf) - self._pos
 
+    def release(self) -> int:
+        """Drop the buffered bytes (the connection is gone); returns how many there were.
+        Later feeds are ignored, as after a fatal error."""
+        held = len(self._buf)
+        self._state = _FAILED
+        self._buf = bytearray()
+        self._pos = 0
+        return held
+
     @property
     def failed(self) -> bool:
         """True after a fatal FrameError: every later next_event() returns None."""

@@ -232,6 +232,17 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
+        self.buffered_bytes = Gauge(
+            "teltonika_buffered_bytes",
+            "Bytes of partial frames buffered for all device connections.",
+            registry=registry,
+        )
+        self.memory_pauses = Counter(
+            "teltonika_memory_pauses_total",
+            "Device connections no longer read because --max-buffered-bytes was reached "
+            "(those with the biggest buffers first).",
+            registry=registry,
+        )
         self.budget_exceeded = Counter(
             "teltonika_budget_exceeded_total",
             "Events beyond a device's per-minute budget, by budget (device_messages: dropped; "

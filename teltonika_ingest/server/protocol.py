@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
 from teltonika_ingest.server.budget import DeviceBudget, RepeatLimiter, suppressed_note
+from teltonika_ingest.server.memory import malloc_trim
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.session import (
     Accepted,
@@ -43,6 +44,15 @@ from teltonika_ingest.server.session import (
 
 log = Logger()
 
+#: bytes read from a device socket at a time (Twisted's default), and while the buffer budget
+#: is exhausted (a legitimate packet, <= 1,280 bytes, still arrives in one read)
+READ_SIZE = 65536
+PRESSURE_READ_SIZE = 4096
+
+#: closed connections' buffers (bytes) worth asking glibc to return memory, and how often at most
+TRIM_AFTER_BYTES = 8 << 20
+TRIM_EVERY_S = 2.0
+
 # How long a closing connection may take to flush its last bytes before it is aborted
 # (a device that never reads must not keep a socket and its buffers forever).
 CLOSE_GRACE_SECONDS = 10.0
@@ -63,6 +73,8 @@ class SessionSettings:
     device_message_budget: int = 0
     #: dead letters per device per minute; 0 = unlimited
     dead_letter_budget: int = 0
+    #: bytes buffered across all connections before the biggest buffers stop reading; 0 = off
+    max_buffered_bytes: int = 0
 
 
 #: actions that mean a frame (or keep-alive) was read whole: the frame deadline restarts
@@ -133,6 +145,10 @@ class TeltonikaProtocol(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
+        #: bytes this connection's session buffered, as last counted in the factory's total
+        self.buffered = 0
+        #: not read from: the global buffer budget (--max-buffered-bytes) is exhausted
+        self.memory_paused = False
         #: source address counted against --max-connections-per-address (None: not counted)
         self.host: str | None = None
         self._last_activity = 0.0
@@ -163,6 +179,8 @@ class TeltonikaProtocol(Protocol):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if factory.draining or factory.reading_paused:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+        if factory.memory_pressure:
+            self.transport.bufferSize = PRESSURE_READ_SIZE  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -178,6 +196,8 @@ class TeltonikaProtocol(Protocol):
         try:
             actions = session.receive(data)
             self._run(actions)
+            if session.buffered != self.buffered:
+                factory.buffer_changed(self, session.buffered)
             if factory.settings.frame_timeout:
                 self._watch_frame(any(type(a) in _FRAME_DONE for a in actions))
         except Exception:
@@ -200,6 +220,8 @@ class TeltonikaProtocol(Protocol):
                 self._run(self.session.close("disconnected", reason.getErrorMessage()))
             except Exception:
                 self._session_error(Failure())
+            # free the buffer now: this object may live on a while (a timer, a publish)
+            self.factory.buffer_released(self, self.session.release())
         self.factory.connection_closed(self)
 
     # ------------------------------------------------------------------ IPushProducer
@@ -225,6 +247,7 @@ class TeltonikaProtocol(Protocol):
             and not self._write_blocked
             and not factory.draining
             and not factory.reading_paused
+            and not self.memory_paused
         ):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
@@ -297,7 +320,10 @@ class TeltonikaProtocol(Protocol):
         d = defer.maybeDeferred(authority.check, imei)
 
         def decided(allowed: bool) -> None:
-            self._guarded(self._session().authorized, bool(allowed))
+            session = self._session()
+            self._guarded(session.authorized, bool(allowed))
+            if session.buffered != self.buffered:
+                self.factory.buffer_changed(self, session.buffered)
             self._watch_frame(True)
 
         def failed(failure: Failure) -> None:
@@ -412,6 +438,8 @@ class TeltonikaProtocol(Protocol):
         factory = self.factory
         factory.hot_metrics(codec)[1].inc(records)
         self._run(session.published())
+        if session.buffered != self.buffered:
+            factory.buffer_changed(self, session.buffered)
         now = factory.clock.seconds()
         metrics = factory.metrics
         metrics.ack_latency.observe(now - received_at)
@@ -478,8 +506,11 @@ class TeltonikaProtocol(Protocol):
 
         def written(_: Any) -> None:
             metrics.dead_letters.labels(reason=action.reason).inc()
-            if self._session().state is State.PUBLISHING:
-                self._run(self._session().published())
+            session = self._session()
+            if session.state is State.PUBLISHING:
+                self._run(session.published())
+                if session.buffered != self.buffered:
+                    factory.buffer_changed(self, session.buffered)
                 self._watch_frame(True)
 
         d.addCallbacks(written, self._publish_failed)
@@ -650,6 +681,17 @@ class TeltonikaFactory(Factory):
         self._per_host: dict[str, int] = {}
         #: repeated warnings (per event and device or peer) are rate-limited
         self.log_limit = RepeatLimiter(clock)
+        #: bytes buffered by all sessions, and the connections paused to keep it bounded
+        self.buffered_total = 0
+        self._memory_paused: set[TeltonikaProtocol] = set()
+        #: over --max-buffered-bytes (until back under three quarters of it)
+        self.memory_pressure = False
+        self.memory_pauses = 0
+        # bytes of closed connections' buffers since glibc was last asked to return memory
+        self._released = 0
+        self._trim_call: IDelayedCall | None = None
+        self._trimmed_at = float("-inf")
+        metrics.buffered_bytes.set_function(lambda: self.buffered_total)
         #: per-device budgets (per minute): device messages, dead letters
         self.message_budget = DeviceBudget(clock, self.settings.device_message_budget)
         self.dead_letter_budget = DeviceBudget(clock, self.settings.dead_letter_budget)
@@ -697,6 +739,109 @@ class TeltonikaFactory(Factory):
                 suppressed=suppressed,
                 suppressed_note=suppressed_note(suppressed),
             )
+
+    # ------------------------------------------------------------------ buffer memory
+
+    def buffer_changed(self, proto: TeltonikaProtocol, buffered: int) -> None:
+        """``proto``'s session now buffers ``buffered`` bytes: keep the total within the
+        global budget (``--max-buffered-bytes``).
+
+        Beyond the budget the service stops reading from the connections holding the
+        biggest buffers, until those still read hold at most half of it; from then on,
+        until the total is back under three quarters of the budget, every connection is
+        read at most ``PRESSURE_READ_SIZE`` bytes at a time and stops being read as soon as
+        a read leaves it holding more than before (a partial frame that grows). Devices
+        whose frames arrive whole are not slowed down. The kernel keeps the unread bytes
+        and the devices wait; a paused connection's frame deadline still runs."""
+        delta = buffered - proto.buffered
+        proto.buffered = buffered
+        total = self.buffered_total = self.buffered_total + delta
+        budget = self.settings.max_buffered_bytes
+        if not budget:
+            return
+        if total > budget:
+            if not self.memory_pressure:
+                self._memory_pressure_on(budget)
+            elif delta > 0 and not proto.memory_paused:
+                self._memory_pause([proto])
+        elif self.memory_pressure and total <= budget * 3 // 4:
+            self._memory_pressure_off()
+
+    def _memory_pressure_on(self, budget: int) -> None:
+        self.memory_pressure = True
+        reading = sorted(
+            (p for p in self.connections if p.buffered and not p.memory_paused),
+            key=lambda p: p.buffered,
+            reverse=True,
+        )
+        held = sum(p.buffered for p in reading)
+        biggest = []
+        for p in reading:
+            if held <= budget // 2:
+                break
+            biggest.append(p)
+            held -= p.buffered
+        for p in self.connections:
+            if p.transport is not None:
+                p.transport.bufferSize = PRESSURE_READ_SIZE  # type: ignore[attr-defined]
+        self._memory_pause(biggest)
+        log.warn(
+            "{total} bytes buffered, over --max-buffered-bytes {budget}: stopped reading from "
+            "the {n} devices with the biggest buffers; devices whose buffers grow stop too",
+            total=self.buffered_total,
+            budget=budget,
+            n=len(biggest),
+        )
+
+    def _memory_pause(self, protos: list[TeltonikaProtocol]) -> None:
+        for p in protos:
+            p.memory_paused = True
+            self._memory_paused.add(p)
+            if p.transport is not None:
+                p.transport.pauseProducing()  # type: ignore[attr-defined]
+        if protos:
+            self.memory_pauses += len(protos)
+            self.metrics.memory_pauses.inc(len(protos))
+
+    def _memory_pressure_off(self) -> None:
+        self.memory_pressure = False
+        protos, self._memory_paused = self._memory_paused, set()
+        log.info(
+            "{total} bytes buffered, back under the budget: reading {n} devices again",
+            total=self.buffered_total,
+            n=len(protos),
+        )
+        for p in self.connections:
+            if p.transport is not None:
+                p.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        for p in protos:
+            p.memory_paused = False
+            p.resume_reading()
+
+    def buffer_released(self, proto: TeltonikaProtocol, freed: int) -> None:
+        """``proto`` closed and dropped its buffer (``freed`` bytes of it were allocated)."""
+        if proto.memory_paused:
+            proto.memory_paused = False
+            self._memory_paused.discard(proto)
+        if proto.buffered:
+            self.buffer_changed(proto, 0)
+        self._released += freed
+        if self._released >= TRIM_AFTER_BYTES and self._trim_call is None:
+            # after the burst of closes (a flood ending), and at most every TRIM_EVERY_S
+            delay = max(1.0, self._trimmed_at + TRIM_EVERY_S - self.clock.seconds())
+            self._trim_call = self.clock.callLater(delay, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_call = None
+        released, self._released = self._released, 0
+        self._trimmed_at = self.clock.seconds()
+        returned = malloc_trim()
+        log.debug(
+            "{released} bytes of closed connections' buffers freed; malloc_trim returned "
+            "memory: {returned}",
+            released=released,
+            returned=returned,
+        )
 
     def budget_exceeded(self, budget: str, proto: TeltonikaProtocol) -> None:
         """A device went over a per-minute budget (``budget``: device_messages,

@@ -267,6 +267,11 @@ class Session:
     def buffered(self) -> int:
         return self._framer.buffered
 
+    def release(self) -> int:
+        """The connection closed: free the buffer now (the session object may live on a
+        while, referenced by a timer or a pending publish). Returns the bytes dropped."""
+        return self._framer.release()
+
     # ------------------------------------------------------------------ internals
 
     def _close(

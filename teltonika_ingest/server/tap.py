@@ -255,6 +255,7 @@ class IngestService(service.MultiService):
                 max_connections_per_address=config.max_connections_per_address,
                 device_message_budget=config.device_message_budget,
                 dead_letter_budget=config.dead_letter_budget,
+                max_buffered_bytes=config.max_buffered_bytes,
             ),
             authority=self.authority,
         )
