@@ -262,8 +262,8 @@ def test_unreachable_redis_is_one_warning_per_connection(
     reader.start()
     try:
         deadline = time.monotonic() + 30
-        # 4 connection slots (pool of 2, registry, commands): 3 retries each
-        while sum('"Scheduling retry 3 ' in line for line in list(lines)) < 4:
+        # 5 connection slots (pool of 2, registry, commands, command queue): 3 retries each
+        while sum('"Scheduling retry 3 ' in line for line in list(lines)) < 5:
             assert proc.poll() is None, lines
             assert time.monotonic() < deadline, lines
             time.sleep(0.05)
@@ -280,7 +280,12 @@ def test_unreachable_redis_is_one_warning_per_connection(
     retries = [e for e in events if e["message"].startswith("Scheduling retry")]
     assert retries and {e["level"] for e in retries} == {"debug"}
     warnings = [e for e in events if e["level"] in ("warn", "error", "critical")]
-    assert sorted(e["name"] for e in warnings) == ["redis", "redis-commands", "redis-registry"]
+    assert sorted(e["name"] for e in warnings) == [
+        "redis",
+        "redis-command-queue",
+        "redis-commands",
+        "redis-registry",
+    ]
     for e in warnings:
         assert e["message"].startswith(f"Redis {e['where']} ({e['name']}) unreachable")
         assert reason in e["reason"]

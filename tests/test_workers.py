@@ -221,7 +221,9 @@ def test_listen_address_of_a_tcp_endpoint() -> None:
         parse_tcp_listen("ssl:5027:privateKey=k.pem")
 
 
-def test_workers_need_a_tcp_listener_and_a_redis_url(tmp_path: Path) -> None:
+def test_workers_need_a_tcp_listener_and_a_redis_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from twisted.python import usage
 
     from teltonika_ingest.config import Config
@@ -232,5 +234,10 @@ def test_workers_need_a_tcp_listener_and_a_redis_url(tmp_path: Path) -> None:
             ["--workers", "2", "--listen", "unix:/tmp/x.sock"], environ={}, cwd=tmp_path
         )
     config = Config.from_args(["--workers", "2"], environ={}, cwd=tmp_path)
-    with pytest.raises(usage.UsageError, match="needs --redis-url"):
+    # a start-up problem: one line (what, why, fix) and exit status 1 (server/startup.py)
+    with pytest.raises(SystemExit) as exited:
         makeService({"config": config})
+    assert exited.value.code == 1
+    out = capsys.readouterr().out
+    assert "start-up failed: --workers 2: more than one worker needs --redis-url" in out
+    assert len(out.strip().splitlines()) == 1

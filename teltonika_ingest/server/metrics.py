@@ -282,8 +282,8 @@ class Metrics:
         # --- commands
         self.commands = Counter(
             "teltonika_commands_total",
-            "GPRS command outcomes by status (ok, nack, timeout, not_connected, invalid) and "
-            "device messages (message).",
+            "GPRS command outcomes by status (ok, nack, timeout, not_connected, invalid; "
+            "queued commands also expired, failed, cancelled) and device messages (message).",
             ["status"],
             registry=registry,
         )
