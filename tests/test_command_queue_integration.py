@@ -4,17 +4,24 @@ process for the SIGKILL case), devices over TCP moving between them."""
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import pytest_twisted
-from test_commands_integration import answer, outcome, outcomes_of, results
-from test_shutdown import TwistdProcess
+from twisted.internet import defer, reactor
+from twisted.internet.utils import getProcessOutputAndValue
 
 from teltonika_ingest.codec import decode_command_frame, encode_imei
+from teltonika_ingest.config import RedisTarget
+from teltonika_ingest.redis.client import RedisClient
+from teltonika_ingest.server.commands.delivery import QueuedCommands
+from teltonika_ingest.server.commands.entries import GROUP
 from teltonika_ingest.server.commands.queue import (
+    ACCEPT,
     EXPIRY_KEY,
     QUEUE_KEY,
     device_key,
@@ -24,6 +31,9 @@ from teltonika_ingest.server.commands.queue import (
 import test_service_integration as service_integration
 from device import DeviceProtocol, connect_device, expect_frame, wait_for
 from redisproc import RedisProcess
+from support import Harness, avl_frame
+from test_commands_integration import answer, console_script, outcome, outcomes_of, results
+from test_shutdown import TwistdProcess
 
 pytestmark = pytest.mark.integration
 
@@ -134,8 +144,32 @@ async def test_queued_while_connected_is_delivered_at_once_in_order(
     dev.send(answer(b"INFO"))
     assert await received(dev) == b"getstatus"
     dev.send(answer(b"STATUS"))
-    assert (await outcome(redis_proc, first))["response"] == "INFO"
-    assert (await outcome(redis_proc, second))["response"] == "STATUS"
+    one, two = await outcome(redis_proc, first), await outcome(redis_proc, second)
+    assert [(r["response"], r["attempts"]) for r in (one, two)] == [("INFO", "1"), ("STATUS", "1")]
+    assert a.sample("teltonika_commands_delivered_total") == 2
+    await dev.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_stored_elsewhere_wakes_the_instance_holding_the_device(
+    pair: tuple[Running, Running], redis_proc: RedisProcess
+) -> None:
+    """Another instance (here: the test, running the same script as inst-x) stores a command
+    for a device A holds: its wake makes A deliver at once (nothing polls)."""
+    a, _b = pair
+    dev = await a.device()
+    queue = a.svc.queue
+    await wait_for(lambda: queue.claims_answered == 1 and queue.claims_in_flight == 0)
+    # (the handshake's claim found nothing)
+    seconds, _micros = redis_proc.cmd("TIME")
+    # (an entry id of no stream entry, and no such group: nothing to acknowledge)
+    args = ["no-group", f"{seconds}000-0", 1000, "-", "inst-x", "w1", IMEI, "", 32, 1000, "text"]
+    args += ["getver", "12", 30_000, 600_000, 3]
+    stored = redis_proc.cmd("EVAL", ACCEPT.source, 1, QUEUE_KEY, *args)
+    assert stored == ["queued", "inst-a", 1]
+    assert await received(dev) == b"getver"
+    dev.send(answer(b"Ver:1"))
+    assert (await outcome(redis_proc, "w1"))["instance_id"] == "inst-a"
     await dev.close()
 
 
@@ -339,3 +373,150 @@ async def test_instance_killed_between_delivery_and_answer(
         await dev.close()
     finally:
         await b.svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answer_recorded_after_redis_comes_back(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    a = await start(redis_proc, tmp_path, "inst-a")
+    try:
+        command_id = enqueue(redis_proc, "getver", timeout_s="60")
+        await queued(redis_proc, command_id)
+        dev = await a.device()
+        assert await received(dev) == b"getver"
+        redis_proc.stop()  # AOF on: the queue survives
+        await wait_for(lambda: not a.svc.redis.connected)
+        dev.send(answer(b"Ver:9"))  # settled while Redis is away: kept and retried
+        await wait_for(lambda: a.svc.queue._writes > 0)
+        redis_proc.start()
+        result = await outcome(redis_proc, command_id, timeout=20)
+        assert (result["status"], result["response"]) == ("ok", "Ver:9")
+        await wait_for(lambda: redis_proc.cmd("ZCARD", EXPIRY_KEY) == 0, timeout=10)
+        assert len(outcomes_of(redis_proc, command_id)) == 1
+        await dev.close()
+    finally:
+        await a.svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_waits_for_the_ack_of_the_packet_in_hand(redis_proc: RedisProcess) -> None:
+    """The session holds a claimed command while a packet waits for Redis, and writes it
+    right after that packet's ACK (a fake publisher decides when the publish is done)."""
+    harness = Harness()
+    writer = RedisClient(RedisTarget.parse(f"redis://127.0.0.1:{redis_proc.port}/0"))
+    writer.startService()
+    try:
+        await wait_for(lambda: writer.connected)
+        queue = QueuedCommands(
+            harness.factory, instance_id="inst-h", writer=writer, reader=writer,
+            clock=harness.clock,
+        )  # fmt: skip
+        redis_proc.cmd("XGROUP", "CREATE", QUEUE_KEY, GROUP, "0", "MKSTREAM")
+        entry = redis_proc.cmd("XADD", QUEUE_KEY, "*", "id", "h1")
+        redis_proc.cmd("XREADGROUP", "GROUP", GROUP, "inst-h", "STREAMS", QUEUE_KEY, ">")
+        args = [GROUP, entry, 1000, "-", "inst-h", "h1", IMEI, "", 32, 1000, "text", "getver"]
+        args += ["12", 30_000, 600_000, 3]
+        assert redis_proc.cmd("EVAL", ACCEPT.source, 1, QUEUE_KEY, *args)[0] == "queued"
+        proto, transport = harness.handshaken()  # the claim goes out now ...
+        proto.dataReceived(avl_frame(1))  # ... and a packet arrives before it is answered
+        assert harness.publisher.calls
+        assert proto.session is not None
+        await wait_for(lambda: proto.session.queued_commands == 1)  # claimed, held
+        assert transport.value() == b""
+        harness.publisher.calls[0][2].callback(1)  # Redis took the packet
+        written = transport.value()
+        assert written[:4] == (1).to_bytes(4, "big")  # the ACK first ...
+        assert decode_command_frame(written[4:]).payload == b"getver"  # ... then the command
+        assert harness.sample("teltonika_commands_delivered_total") == 1
+        assert harness.factory.queue is queue
+    finally:
+        await writer.stopService()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+async def cli(redis: RedisProcess, cwd: Path, *args: str) -> tuple[str, str, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TELTONIKA_"))}
+    out, err, code = await getProcessOutputAndValue(
+        console_script(),
+        [*args, "--redis-url", f"redis://127.0.0.1:{redis.port}/0"],
+        env=env,
+        path=str(cwd),
+        reactor=reactor,
+    )
+    return out.decode(), err.decode(), code
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_queue_list_cancel_without_any_instance(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    # nothing runs: --no-wait queues it and returns; the first instance stores it
+    out, err, code = await cli(
+        redis_proc, tmp_path, "command", IMEI, "setdigout 1", "--queue", "--ttl", "1h",
+        "--max-attempts", "2", "--no-wait", "--id", "cli-q1",
+    )  # fmt: skip
+    assert (out, code) == ("cli-q1\n", 0), err
+    a = await start(redis_proc, tmp_path, "inst-a")
+    try:
+        await queued(redis_proc, "cli-q1")
+    finally:
+        await a.svc.stopService()
+    out, err, code = await cli(redis_proc, tmp_path, "commands", "list", IMEI)
+    assert code == 0, err
+    header, row, summary = out.splitlines()
+    assert header.split() == ["ID", "IMEI", "STATE", "TRIES", "EXPIRES", "COMMAND"]
+    assert row.split()[:4] == ["cli-q1", IMEI, "queued", "0/2"]
+    assert row.endswith("setdigout 1")
+    assert summary == f"1 shown for {IMEI}; 1 queued in all"
+    out, err, code = await cli(redis_proc, tmp_path, "commands", "list", "--json")
+    (shown,) = [orjson.loads(line) for line in out.splitlines()]
+    assert (shown["id"], shown["text"], shown["max_attempts"], shown["state"]) == (
+        "cli-q1",
+        "setdigout 1",
+        2,
+        "queued",
+    )
+    out, err, code = await cli(redis_proc, tmp_path, "commands", "cancel", "cli-q1")
+    assert (out, code) == (f"cancelled cli-q1 ({IMEI})\n", 0), err
+    (result,) = outcomes_of(redis_proc, "cli-q1")
+    assert (result["status"], result["instance_id"]) == ("cancelled", "cli")
+    out, err, code = await cli(redis_proc, tmp_path, "commands", "cancel", "cli-q1")
+    assert code == 3 and "no queued command cli-q1" in err
+    assert len(outcomes_of(redis_proc, "cli-q1")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_queue_waits_for_the_device(
+    pair: tuple[Running, Running], redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    _a, b = pair
+    waiting = defer.ensureDeferred(
+        cli(redis_proc, tmp_path, "command", IMEI, "getver", "--queue", "--id", "cli-q2")
+    )
+    await queued(redis_proc, "cli-q2")  # the device is offline: the CLI waits
+    dev = await b.device()
+    try:
+        assert await received(dev) == b"getver"
+    except Exception:
+        raise AssertionError(f"no command frame; the CLI said {await waiting}") from None
+    dev.send(answer(b"Ver:03.27"))
+    out, err, code = await waiting
+    assert (out, code) == ("Ver:03.27\n", 0), err
+    # expired: exit status 8
+    out, err, code = await cli(
+        redis_proc, tmp_path, "command", OTHER, "getver", "--queue", "--ttl", "300ms"
+    )
+    assert (out, code) == ("", 8), err
+    assert err.startswith("expired: ")
+    # queue options need --queue; a bad --ttl is refused before anything is added
+    _out, err, code = await cli(redis_proc, tmp_path, "command", IMEI, "getver", "--ttl", "1h")
+    assert code == 1 and "need --queue" in err
+    _out, err, code = await cli(
+        redis_proc, tmp_path, "command", IMEI, "getver", "--queue", "--ttl", "1 week"
+    )
+    assert code == 1 and "--ttl: not a duration" in err
+    assert redis_proc.cmd("XLEN", QUEUE_KEY) == 0
+    await dev.close()

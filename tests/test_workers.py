@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_commands_integration import answer
-from test_shutdown import TwistdProcess
 
 from teltonika_ingest.codec import TYPE_COMMAND, decode_command_frame, encode_imei
 from teltonika_ingest.sim.traffic import imei_for
@@ -21,6 +19,8 @@ from teltonika_ingest.sim.traffic import imei_for
 from device import DeviceProtocol, connect_device, expect_frame, http_get, wait_for
 from redisproc import RedisProcess
 from support import avl_frame
+from test_commands_integration import answer
+from test_shutdown import TwistdProcess
 
 pytestmark = pytest.mark.integration
 

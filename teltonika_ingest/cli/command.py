@@ -31,8 +31,14 @@ Output: for ok, the device's answer on stdout (for --hex, the answer in hex); ot
 "STATUS: reason" on stderr. With --json, the whole commands:results entry as one JSON
 object on stdout, whatever the status.
 
+With --queue, the command is queued by IMEI (commands:queue) instead: it waits in Redis
+until the device connects to any instance (at most --ttl), is delivered there, and is tried
+again (up to --max-attempts) when a delivery gets no answer. --no-wait prints the command id
+and returns at once; follow it with "teltonika-ingest commands list" / "commands cancel ID".
+
 Exit status: 0 ok, 1 error (Redis unreachable, bad arguments), 2 usage, 3 not_connected,
-4 timeout, 5 nack, 6 invalid, 7 no outcome seen within --wait, 130 interrupted.
+4 timeout, 5 nack, 6 invalid, 7 no outcome seen within --wait, 8 expired, 9 failed,
+10 cancelled, 130 interrupted.
 """
 
 EXIT_OK = 0
@@ -42,6 +48,9 @@ EXIT_TIMEOUT = 4
 EXIT_NACK = 5
 EXIT_INVALID = 6
 EXIT_NO_OUTCOME = 7
+EXIT_EXPIRED = 8
+EXIT_FAILED = 9
+EXIT_CANCELLED = 10
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -50,6 +59,9 @@ EXIT_CODES = {
     "timeout": EXIT_TIMEOUT,
     "nack": EXIT_NACK,
     "invalid": EXIT_INVALID,
+    "expired": EXIT_EXPIRED,
+    "failed": EXIT_FAILED,
+    "cancelled": EXIT_CANCELLED,
 }
 
 #: longest single XREAD BLOCK while waiting for the outcome
@@ -93,6 +105,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print the whole result entry as JSON on stdout"
     )
+    queue = parser.add_argument_group("queued (by IMEI, delivered whenever the device connects)")
+    queue.add_argument(
+        "--queue",
+        action="store_true",
+        help="add to commands:queue instead of the holding instance's stream: the device "
+        "need not be connected",
+    )
+    queue.add_argument(
+        "--ttl",
+        default=None,
+        metavar="DURATION",
+        help="how long the command may wait for delivery: 90, 90s, 15m, 1h, 2d (at most 30 "
+        "days; default: the service's --command-queue-ttl, a day)",
+    )
+    queue.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="deliveries without an answer before it fails (1..100; default: the service's "
+        "--command-queue-attempts, 3)",
+    )
+    queue.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the command id on stdout and return at once (exit 0 once queued)",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -104,12 +143,17 @@ register = add_parser
 def run(args: argparse.Namespace) -> int:
     """Handler of ``teltonika-ingest command``; returns the exit status."""
     try:
-        fields, request_id = _command_fields(args)
+        fields, request_id, ttl, attempts = _command_fields(args)
         target = redis_target(args)
     except CliError as e:
         print(f"teltonika-ingest command: {e}", file=sys.stderr)
         return EXIT_ERROR
-    wait = args.wait if args.wait is not None else 2 * args.timeout + 10
+    if args.queue:
+        # the whole TTL, and every delivery's timeout after it
+        default_wait = ttl + attempts * (args.timeout + 30) + 10
+    else:
+        default_wait = 2 * args.timeout + 10
+    wait = args.wait if args.wait is not None else default_wait
     if not wait > 0:
         print("teltonika-ingest command: --wait must be positive", file=sys.stderr)
         return EXIT_ERROR
@@ -123,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     async def body(client: Any, reactor: Any, state: dict[str, Any]) -> int:
+        if args.queue:
+            return await _enqueue(client, reactor, args, fields, request_id, wait, state)
         return await _send(client, reactor, args, fields, request_id, wait, state)
 
     return run_on_reactor("teltonika-ingest command", target, body, interrupted)
@@ -131,9 +177,20 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- arguments
 
 
-def _command_fields(args: argparse.Namespace) -> tuple[list[str], str]:
-    """The stream entry's fields, checked as the service will check them."""
+#: what the service uses when an entry has no ttl_s / max_attempts (its defaults), for --wait
+DEFAULT_TTL_S = 86400.0
+DEFAULT_ATTEMPTS = 3
+
+
+def _command_fields(args: argparse.Namespace) -> tuple[list[str], str, float, int]:
+    """The stream entry's fields, checked as the service will check them; with the TTL and
+    attempts a queued command has (defaults when not given)."""
     from teltonika_ingest.server.commands.entries import InvalidCommand, parse_entry
+    from teltonika_ingest.server.commands.queue import (
+        CancelRequest,
+        parse_duration,
+        parse_queue_entry,
+    )
 
     request_id = args.id if args.id is not None else f"cli-{uuid.uuid4().hex}"
     payload_field = "hex" if args.hex else "text"
@@ -147,12 +204,34 @@ def _command_fields(args: argparse.Namespace) -> tuple[list[str], str]:
         "codec", args.codec,
         "timeout_s", f"{args.timeout:g}",
     ]  # fmt: skip
+    if not args.queue:
+        if args.ttl is not None or args.max_attempts is not None or args.no_wait:
+            raise CliError("--ttl, --max-attempts and --no-wait need --queue")
+        try:
+            # the length limit is the service's --max-command-length: it checks that one
+            parse_entry(fields, max_length=1 << 30, default_timeout=args.timeout)
+        except InvalidCommand as e:
+            raise CliError(str(e)) from None
+        return fields, request_id, 0.0, 0
+    if args.ttl is not None:
+        try:
+            fields += ["ttl_s", f"{parse_duration(args.ttl):g}"]
+        except ValueError as e:
+            raise CliError(f"--ttl: {e}") from None
+    if args.max_attempts is not None:
+        fields += ["max_attempts", str(args.max_attempts)]
     try:
-        # the length limit is the service's --max-command-length: it checks that one
-        parse_entry(fields, max_length=1 << 30, default_timeout=args.timeout)
+        queued = parse_queue_entry(
+            fields,
+            max_length=1 << 30,
+            default_timeout=args.timeout,
+            default_ttl=DEFAULT_TTL_S,
+            default_attempts=DEFAULT_ATTEMPTS,
+        )
     except InvalidCommand as e:
         raise CliError(str(e)) from None
-    return fields, request_id
+    assert not isinstance(queued, CancelRequest)
+    return fields, request_id, queued.ttl, queued.max_attempts
 
 
 async def _send(
@@ -193,14 +272,61 @@ async def _send(
     stream = command_stream(instance)
     entry_id = str(await client.execute("XADD", stream, "*", *fields))
     state.update(entry_id=entry_id, stream=stream)
+    return await _await_outcome(
+        client, reactor, args, request_id, entry_id, after, wait,
+        f"(entry {entry_id} in {stream}); it may still be pending, e.g. if that instance "
+        "stopped",
+    )  # fmt: skip
+
+
+async def _enqueue(
+    client: Any,
+    reactor: Any,
+    args: argparse.Namespace,
+    fields: list[str],
+    request_id: str,
+    wait: float,
+    state: dict[str, Any],
+) -> int:
+    """``--queue``: add to commands:queue; wait for the outcome unless --no-wait."""
+    from teltonika_ingest.server.commands.entries import RESULTS_KEY
+    from teltonika_ingest.server.commands.queue import QUEUE_KEY
+
+    last = await client.execute("XREVRANGE", RESULTS_KEY, "+", "-", "COUNT", 1)
+    after = str(last[0][0]) if last else "0-0"
+    entry_id = str(await client.execute("XADD", QUEUE_KEY, "*", *fields))
+    state.update(entry_id=entry_id, stream=QUEUE_KEY)
+    if args.no_wait:
+        sys.stdout.write(request_id + "\n")
+        sys.stdout.flush()
+        return EXIT_OK
+    return await _await_outcome(
+        client, reactor, args, request_id, entry_id, after, wait,
+        f"(entry {entry_id} in {QUEUE_KEY}); it is still queued or being delivered: see "
+        f"teltonika-ingest commands list {args.imei}",
+    )  # fmt: skip
+
+
+async def _await_outcome(
+    client: Any,
+    reactor: Any,
+    args: argparse.Namespace,
+    request_id: str,
+    entry_id: str,
+    after: str,
+    wait: float,
+    where: str,
+) -> int:
+    """Wait (at most ``wait`` s) for the outcome of ``request_id`` on commands:results."""
+    from teltonika_ingest.server.commands.entries import RESULTS_KEY
+
     deadline = reactor.seconds() + wait
     while True:
         remaining = deadline - reactor.seconds()
         if remaining <= 0:
             print(
                 f"teltonika-ingest command: no outcome within {wait:g} s for command "
-                f"{request_id} (entry {entry_id} in {stream}); it may still be pending, "
-                "e.g. if that instance stopped",
+                f"{request_id} {where}",
                 file=sys.stderr,
             )
             return EXIT_NO_OUTCOME

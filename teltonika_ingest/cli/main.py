@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "teltonika_ingest.cli.decode",
     "teltonika_ingest.cli.iolookup",
     "teltonika_ingest.cli.command",
+    "teltonika_ingest.cli.queue",
     "teltonika_ingest.cli.dlq",
     "teltonika_ingest.cli.simulate",
     "teltonika_ingest.cli.verify",

@@ -190,6 +190,7 @@ class QueuedCommands(Service):
         self._stopping = False
         self._closed = False
         self._trouble: str | None = None
+        self.claims_answered = 0
         factory.queue = self
 
     # ------------------------------------------------------------------ lifecycle
@@ -256,6 +257,11 @@ class QueuedCommands(Service):
             return left
 
         return done.addCallback(finished)
+
+    @property
+    def claims_in_flight(self) -> int:
+        """Claims sent and not yet answered (``claims_answered``: those answered so far)."""
+        return len(self._claiming)
 
     # ------------------------------------------------------------------ Redis calls
 
@@ -366,6 +372,7 @@ class QueuedCommands(Service):
             log.warn("queued command for {imei} {status} at delivery", imei=imei, status=status)
 
     def _claimed(self, reply: Any, proto: TeltonikaProtocol) -> None:
+        self.claims_answered += 1
         self._claiming.discard(proto)
         again = proto in self._again
         self._again.discard(proto)
