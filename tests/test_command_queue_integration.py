@@ -421,8 +421,8 @@ async def test_delivery_waits_for_the_ack_of_the_packet_in_hand(redis_proc: Redi
         proto, transport = harness.handshaken()  # the claim goes out now ...
         proto.dataReceived(avl_frame(1))  # ... and a packet arrives before it is answered
         assert harness.publisher.calls
-        assert proto.session is not None
-        await wait_for(lambda: proto.session.queued_commands == 1)  # claimed, held
+        await wait_for(lambda: queue.claims_answered == 1)  # claimed, handed to the session
+        assert queue.claims_in_flight == 0
         assert transport.value() == b""
         harness.publisher.calls[0][2].callback(1)  # Redis took the packet
         written = transport.value()
