@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TOOLS  := $(VENV)/.test-tools
 
-.PHONY: run test lint bench clean browser
+.PHONY: run test lint bench clean browser image-test
 
 # The run path installs nothing outside .venv (no apt-get; works as any user). The compiled
 # hot path is rebuilt when its source changes (a stale .so fails test_fastavl).
@@ -69,6 +69,13 @@ $(TOOLS): $(STAMP)
 
 test: lint browser $(TOOLS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Build the container image for real and run it (deploy/image_test.py): a base image made
+# from Debian packages, a wheelhouse built here, the container on the host network against a
+# loopback Redis. Minutes, root and a Docker daemon (started if none answers): not part of
+# `make test` / CI.
+image-test: $(STAMP)
+	$(BIN)/python deploy/image_test.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

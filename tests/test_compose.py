@@ -66,4 +66,7 @@ def test_compose_config_is_valid_and_agrees_with_the_services() -> None:
     }
     assert "127.0.0.1:9090:9090/tcp" in published and "127.0.0.1:9092:9092/tcp" in published
     assert 5027 in published
-    assert "9092/readyz" in " ".join(processor["healthcheck"]["test"])
+    assert processor["healthcheck"]["test"][-2:] == [
+        "teltonika_ingest.cli.healthcheck",
+        "PROCESSOR_METRICS",
+    ]

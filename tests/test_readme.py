@@ -72,3 +72,6 @@ def test_make_run_installs_no_system_packages() -> None:
         assert word not in commands, word
     # the tools only the tests need are fetched on the test path
     assert "apt-get" in dry_run("test")
+    # the real image build is its own target, never part of make test (CI)
+    assert "image_test.py" not in dry_run("test")
+    assert "deploy/image_test.py" in dry_run("image-test")

@@ -13,12 +13,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from teltonika_ingest.buildinfo import version
+
+from redisproc import RedisProcess, free_port
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -290,3 +293,54 @@ def test_unreachable_redis_is_one_warning_per_connection(
         assert e["message"].startswith(f"Redis {e['where']} ({e['name']}) unreachable")
         assert reason in e["reason"]
     assert any(e["message"] == "shutdown complete" for e in events)
+
+
+@pytest.mark.integration
+def test_clean_start_and_stop_with_redis_up_warns_about_nothing(
+    tmp_path: Path, redis_session: RedisProcess
+) -> None:
+    """No false alarm: with Redis there, from start to a clean SIGTERM shutdown, no line at
+    warn or above (closing our own Redis connections is info), and the start-up line carries
+    the version."""
+    http = free_port()
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "teltonika-ingest", "--config", "",
+         "--listen", "tcp:0:interface=127.0.0.1",
+         "--metrics", f"tcp:{http}:interface=127.0.0.1",
+         "--redis-url", f"redis://127.0.0.1:{redis_session.port}/0",
+         "--instance-id", "clean-run", "--log-format", "json"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not http_ready(http):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "not ready within 30 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e for e in events if e["level"] not in ("debug", "info")] == []
+    assert any(e["message"] == "shutdown complete" for e in events)
+    assert any(
+        e["message"].startswith(f"teltonika-ingest {version()} (Python ")
+        and " starting: " in e["message"]
+        for e in events
+    )
+    assert not [e for e in events if e["namespace"] in ("log_legacy",)]
+
+
+def http_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
