@@ -644,15 +644,21 @@ class OutcomeWriteTests(SynchronousTestCase):
         del entry
 
     def test_an_entry_handed_twice_is_handled_once(self) -> None:
+        """The reader reads its pending entries again (after a lost connection) while one is
+        in flight: the device must not get that command a second time."""
         writer = FakeWriter(auto=False)
         env = Env(writer)
-        _, transport = env.device()
+        proto, transport = env.device()
         entry = env.entry_id()
         fields = ["id", "a", "imei", IMEI, "text", "getinfo"]
         env.router.handle_entry(entry, fields)
-        env.router.handle_entry(entry, fields)
+        env.router.handle_entry(entry, fields, redelivered=True)
         self.assertEqual(written_command(transport).payload, b"getinfo")
+        proto.dataReceived(response(b"info"))  # answered: a second copy would go out now
         self.assertEqual(transport.value(), b"")
+        env.router.handle_entry(entry, fields, redelivered=True)  # outcome not yet written
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(len(writer.calls), 1)
 
     def test_drain_waits_for_unwritten_outcomes(self) -> None:
         writer = FakeWriter(auto=False)

@@ -519,20 +519,32 @@ async def test_one_frame_per_command_when_the_reader_reads_its_pending_entries_a
     assert decode_command_frame(await expect_frame(dev)).payload == b"getver"
     assert pending_count(redis_proc) == 2  # both read, one in flight, one queued
 
-    def blocked_reader_ids() -> list[str]:
-        lines = _text(redis_proc.cmd("CLIENT", "LIST")).splitlines()
-        return [f.split("=")[1] for line in lines if "cmd=xreadgroup" in line
-                for f in line.split() if f.startswith("id=")]  # fmt: skip
+    def reader_client() -> dict[str, str] | None:
+        """The router's reader connection in CLIENT LIST (by its local address)."""
+        if not reader._pool:
+            return None
+        addr = f"127.0.0.1:{reader._pool[0].transport.getHost().port}"
+        for line in _text(redis_proc.cmd("CLIENT", "LIST")).splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if fields.get("addr") == addr:
+                return fields
+        return None
 
-    await wait_for(lambda: len(blocked_reader_ids()) == 1)
-    (reader_id,) = blocked_reader_ids()
+    def blocked_reader() -> dict[str, str] | None:
+        found = reader_client()
+        return found if found and found.get("cmd") == "xreadgroup" else None
+
+    await wait_for(blocked_reader)
+    first_reader = blocked_reader()
+    assert first_reader is not None
     reads.clear()
-    redis_proc.cmd("CLIENT", "KILL", "ID", reader_id)
-    # the race provoked: the reader read its pending entries again, from the start
+    redis_proc.cmd("CLIENT", "KILL", "ID", first_reader["id"])
+    # the race provoked: the reader, connected again, read its pending entries again from
+    # the start, and blocks on new ones once more
     await wait_for(
         lambda: (
             any(a[0] == "XREADGROUP" and a[-1] == "0" for a in reads)
-            and blocked_reader_ids() not in ([], [reader_id])
+            and (blocked_reader() or {}).get("id") not in (None, first_reader["id"])
         ),
         timeout=15,
     )

@@ -280,12 +280,12 @@ async def test_paused_redis_times_out_then_recovers(redis_proc: RedisProcess) ->
     c = await connected_client(redis_proc, command_timeout=0.5)
     try:
         redis_proc.pause()
-        t0 = time.monotonic()
         pending = [c.execute("SET", "late", "applied"), c.execute("GET", "late")]
-        err = await failure_of(c.execute("PING"))
-        elapsed = time.monotonic() - t0
+        ping = c.execute("PING")
+        assert not ping.called  # waits for Redis (for its timeout), does not fail at once
+        err = await failure_of(ping)
         assert isinstance(err, RedisTimeout)
-        assert 0.45 <= elapsed < 1.5, elapsed
+        assert "0.5" in str(err), err  # the configured timeout ran out, not another one
         for d in pending:
             assert isinstance(await failure_of(d), RedisTimeout)
         assert await c.ping() is False
@@ -318,10 +318,10 @@ async def test_killed_redis_fails_fast_then_recovers(redis_proc: RedisProcess) -
         redis_proc.kill()
         await wait_until(lambda: not c.connected, timeout=2, what="loss noticed")
         assert c.redis_state() == "reconnecting"
-        t0 = time.monotonic()
-        err = await failure_of(c.execute("GET", "k"))
+        get = c.execute("GET", "k")
+        assert get.called  # failed at once: not queued until Redis comes back
+        err = await failure_of(get)
         assert isinstance(err, RedisUnavailable)
-        assert time.monotonic() - t0 < 0.05  # not queued until Redis comes back
         assert await c.ping() is False
         redis_proc.start()
         await wait_until(lambda: c.connected, timeout=10, what="reconnected")

@@ -311,8 +311,7 @@ class CommandRouter(Service):
                         pending_from = entry_id
                         if self._stopping:
                             break
-                        if not self._holds(entry_id):
-                            self._handle(entry_id, fields, redelivered=True)
+                        self.handle_entry(entry_id, fields, redelivered=True)
                     continue
                 room = self._room()
                 if room is not None:
@@ -326,7 +325,7 @@ class CommandRouter(Service):
                 for entry_id, fields in _entries(reply):
                     if self._stopping:
                         break  # read but not handled: stays pending for the next start
-                    self._handle(entry_id, fields)
+                    self.handle_entry(entry_id, fields)
                 delay = self.retry_min
                 if self._read_trouble is not None:
                     log.info("command stream {stream} readable again", stream=self.stream_key)
@@ -391,11 +390,13 @@ class CommandRouter(Service):
 
     # ------------------------------------------------------------------ entries
 
-    def handle_entry(self, entry_id: str, fields: Sequence[Any] | None) -> None:
+    def handle_entry(
+        self, entry_id: str, fields: Sequence[Any] | None, redelivered: bool = False
+    ) -> None:
         """Handle one entry of the command stream (what the reader does for each)."""
         if self._holds(entry_id):
-            return
-        self._handle(entry_id, fields)
+            return  # read again (our pending entries) while still held: handed off once
+        self._handle(entry_id, fields, redelivered)
 
     def _handle(
         self, entry_id: str, fields: Sequence[Any] | None, redelivered: bool = False
