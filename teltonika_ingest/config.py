@@ -61,6 +61,7 @@ __all__ = [
     "check_server_endpoint",
     "render_reference",
     "render_tap_conf",
+    "server_endpoint_types",
     "with_backlog",
 ]
 
@@ -70,7 +71,6 @@ DEFAULT_CONFIG_FILE: Final = "tap.conf"
 # Preamble (4) + data field length (4) + CRC (4) around the data field of a TCP frame.
 FRAME_OVERHEAD: Final = 12
 
-SERVER_ENDPOINT_TYPES: Final = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
 REDIS_DEFAULT_PORT: Final = 6379
 LOG_FORMATS: Final = ("text", "json")
 WORKER_SOCKETS: Final = ("reuseport", "shared")
@@ -125,7 +125,8 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "TELTONIKA_LISTEN",
         "tcp:5027",
         "endpoint",
-        "Twisted server endpoint string for devices (tcp:, tcp6:, ssl:, unix:, haproxy:, systemd:)",
+        "Twisted server endpoint string for devices, of any type Twisted has a parser or "
+        "plugin for (tcp:, tcp6:, ssl:, unix:, haproxy:, systemd:, ...)",
         why="5027 is the port commonly used for Teltonika devices (Traccar's Teltonika port), "
         "so existing device profiles carry over; all interfaces, because devices connect "
         "from the mobile network.",
@@ -1086,12 +1087,42 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
-def check_server_endpoint(description: str) -> None:
-    """Check a Twisted server endpoint string cheaply, without building the endpoint.
+def server_endpoint_types() -> tuple[str, ...]:
+    """The server endpoint types Twisted knows here: its built-in parsers, then every
+    installed ``IStreamServerEndpointStringParser`` plugin (``tcp6:``, ``systemd:``,
+    ``haproxy:``, ...), as ``serverFromString`` itself finds them."""
+    from twisted.internet import endpoints
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
 
-    Raises ``ValueError`` with a message saying what was expected. Checks the type prefix,
-    the parameter names, the required parameter and the numbers; files (TLS keys) and
-    inherited descriptors (systemd) are only checked when the service starts.
+    builtin = tuple(getattr(endpoints, "_serverParsers", {"tcp": 0, "ssl": 0, "unix": 0}))
+    plugins = sorted({p.prefix for p in getPlugins(IStreamServerEndpointStringParser)})
+    return builtin + tuple(p for p in plugins if p not in builtin)
+
+
+_TYPE_ERRORS: Final = (
+    (re.compile(r"unexpected keyword argument '(\w+)'"), "unknown {kind}: parameter {0!r}"),
+    (
+        re.compile(r"missing \d+ required positional argument: '(\w+)'"),
+        "{kind}: the {0} is missing",
+    ),
+    (re.compile(r"multiple values for argument '(\w+)'"), "{kind}: parameter {0!r} given twice"),
+    (
+        re.compile(r"positional arguments? but \d+ (?:were|was) given"),
+        "too many ':'-separated arguments for {kind}:",
+    ),
+)
+
+
+def check_server_endpoint(description: str) -> None:
+    """Check a server endpoint string the way Twisted reads it, without listening.
+
+    The string goes through ``serverFromString`` (Twisted's own grammar, built-in parsers
+    and endpoint plugins) against a ``MemoryReactor``: building an endpoint opens nothing, so
+    any endpoint type installed is accepted and checked by its own parser. What only exists
+    when the service starts is left to the start: TLS key files (``ssl:``) and descriptors
+    inherited from systemd (``systemd:`` outside socket activation). Raises ``ValueError``
+    saying what was expected, in Twisted's terms.
     """
     if description == "":
         raise ValueError("expected a Twisted server endpoint string such as 'tcp:5027'")
@@ -1099,52 +1130,44 @@ def check_server_endpoint(description: str) -> None:
         raise ValueError(
             f"a bare port number is not an endpoint string (write 'tcp:{description}')"
         )
-    kind, sep, rest = description.partition(":")
-    if kind not in SERVER_ENDPOINT_TYPES:
+    kind, _sep, rest = description.partition(":")
+    types = server_endpoint_types()
+    if kind not in types:
         raise ValueError(
             f"unknown endpoint type {kind!r} (expected one of "
-            + ", ".join(t + ":" for t in SERVER_ENDPOINT_TYPES)
+            + ", ".join(t + ":" for t in types)
             + ")"
         )
     if kind == "haproxy":
-        # HAProxy wraps another server endpoint: haproxy:tcp:5027
+        # haproxy: wraps another server endpoint (haproxy:tcp:5027); say which part is wrong
         try:
             check_server_endpoint(rest)
         except ValueError as e:
             raise ValueError(f"after 'haproxy:': {e}") from None
-        return
-    params = _ENDPOINT_PARAMS[kind]
-    values = _endpoint_values(kind, rest, sep)
-    required = params[0]
-    if not values.get(required):
-        raise ValueError(f"{kind}: the {required} is missing, e.g. {_EXAMPLES[kind]!r}")
-    if "port" in values:
-        port = values["port"]
-        if not (port.isdigit() and int(port) <= 65535):
-            raise ValueError(f"{kind}: port must be a number 0-65535")
-    if "backlog" in values and not (values["backlog"].isdigit() and int(values["backlog"]) > 0):
-        raise ValueError(f"{kind}: backlog must be a positive number")
-    if kind == "unix":
-        if "mode" in values and not re.fullmatch(r"[0-7]{1,4}", values["mode"]):
-            raise ValueError("unix: mode must be octal, e.g. mode=660")
-        if "lockfile" in values and values["lockfile"] not in ("0", "1"):
-            raise ValueError("unix: lockfile must be 0 or 1")
-    if kind == "systemd":
-        if values["domain"] not in ("INET", "INET6", "UNIX"):
-            raise ValueError("systemd: domain must be INET, INET6 or UNIX")
-        if ("index" in values) == ("name" in values):
-            raise ValueError("systemd: give exactly one of index= or name=")
-        if "index" in values and not values["index"].isdigit():
-            raise ValueError("systemd: index must be a number >= 0")
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
 
-
-_EXAMPLES: Final = {
-    "tcp": "tcp:5027",
-    "tcp6": "tcp6:5027",
-    "ssl": "ssl:5027:privateKey=key.pem:certKey=cert.pem",
-    "unix": "unix:/run/teltonika.sock",
-    "systemd": "systemd:domain=INET:index=0",
-}
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except TypeError as e:
+        for pattern, message in _TYPE_ERRORS:
+            found = pattern.search(str(e))
+            if found:
+                raise ValueError(message.format(*found.groups(), kind=kind)) from None
+        raise ValueError(f"{kind}: {e}") from None
+    except Exception as e:
+        if kind == "ssl":
+            return  # its key and certificate files are read and checked when it starts
+        if kind == "systemd" and isinstance(e, IndexError | KeyError):
+            return  # no such socket passed in this environment: checked when it starts
+        number = re.search(r"invalid literal for int\(\) with base (\d+): (.*)$", str(e))
+        if number:
+            what = "an octal number" if number.group(1) == "8" else "a number"
+            raise ValueError(f"{kind}: expected {what}, not {number.group(2)}") from None
+        raise ValueError(f"{kind}: {e}") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"{kind}: port must be a number 0-65535")
 
 
 # --------------------------------------------------------------------------- Redis target
