@@ -100,3 +100,24 @@ def test_registry_writes_before_redis_first_answered_are_not_failures(
     value = m.registry.get_sample_value
     assert value("teltonika_registry_failures_total") == 3 * counted
     assert value("teltonika_heartbeat_failures_total") == counted
+
+
+def test_literal_label_values_in_the_code_are_precreated() -> None:
+    """A label value the code uses literally is one of those created at 0 at start (a new
+    value added to the code but not to the tuple would appear only on its first event)."""
+    import re
+    from pathlib import Path
+
+    source = "\n".join(
+        p.read_text(encoding="utf-8")
+        for p in (Path(__file__).parent.parent / "teltonika_ingest" / "server").rglob("*.py")
+    )
+    for attr, label, values in (
+        ("udp_datagrams", "result", metrics_module.UDP_RESULTS),
+        ("publish_failures", "reason", metrics_module.PUBLISH_FAILURE_REASONS),
+        ("handshakes", "result", metrics_module.HANDSHAKE_RESULTS),
+        ("commands", "status", metrics_module.COMMAND_STATUSES),
+    ):
+        used = set(re.findall(rf'\.{attr}\.labels\({label}="(\w+)"\)', source))
+        assert used, attr
+        assert used <= set(values), (attr, used - set(values))
