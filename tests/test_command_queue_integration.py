@@ -400,6 +400,28 @@ async def test_answer_recorded_after_redis_comes_back(
 
 
 @pytest_twisted.ensureDeferred
+async def test_device_connecting_while_redis_is_away_gets_its_commands_once_it_is_back(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    a = await start(redis_proc, tmp_path, "inst-a")
+    try:
+        command_id = enqueue(redis_proc, "getver")
+        await queued(redis_proc, command_id)
+        redis_proc.stop()
+        await wait_for(lambda: not a.svc.redis.connected)
+        dev = await a.device()  # accepted (no authority), its claim fails and is retried
+        await wait_for(lambda: a.svc.queue.claims_in_flight == 0)
+        assert a.svc.queue.claims_answered == 0
+        redis_proc.start()
+        assert await received(dev) == b"getver"
+        dev.send(answer(b"Ver:1"))
+        assert (await outcome(redis_proc, command_id, timeout=20))["status"] == "ok"
+        await dev.close()
+    finally:
+        await a.svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_delivery_waits_for_the_ack_of_the_packet_in_hand(redis_proc: RedisProcess) -> None:
     """The session holds a claimed command while a packet waits for Redis, and writes it
     right after that packet's ACK (a fake publisher decides when the publish is done)."""

@@ -176,6 +176,8 @@ class QueuedCommands(Service):
         self.metrics = metrics if metrics is not None else factory.metrics
         self._active: dict[TeltonikaProtocol, _Delivery] = {}
         self._claiming: set[TeltonikaProtocol] = set()
+        #: delay before the next claim of a connection whose claim failed (Redis away)
+        self._claim_backoff: dict[TeltonikaProtocol, float] = {}
         self._again: set[TeltonikaProtocol] = set()
         self._writes = 0  # script calls not yet answered (and their retries)
         self._drain_waiters: list[defer.Deferred[None]] = []
@@ -330,6 +332,7 @@ class QueuedCommands(Service):
         ``force``: take over a delivery still open elsewhere (after ``takeover_grace``)."""
         imei = proto.imei
         if self._stopping or imei is None or self.factory.by_imei.get(imei) is not proto:
+            self._claim_backoff.pop(proto, None)
             return
         if proto in self._active:
             return
@@ -352,12 +355,16 @@ class QueuedCommands(Service):
     def _claim_failed(self, failure: Failure, proto: TeltonikaProtocol) -> None:
         self._claiming.discard(proto)
         self._again.discard(proto)
-        log.warn(
+        delay = self._claim_backoff.get(proto)
+        # one warning per device and outage (every handshake during a Redis outage fails)
+        (log.debug if delay is not None else log.warn)(
             "could not look at the command queue of {imei} ({error}); retrying",
             imei=proto.imei,
             error=failure.getErrorMessage(),
         )
-        call = self.clock.callLater(self.retry_max / 10, self._retry_pump, proto)
+        delay = self.retry_min * 5 if delay is None else min(delay * 2, self.retry_max)
+        self._claim_backoff[proto] = delay
+        call = self.clock.callLater(delay, self._retry_pump, proto)
         self._retries.add(call)
 
     def _retry_pump(self, proto: TeltonikaProtocol, force: bool = False) -> None:
@@ -374,6 +381,7 @@ class QueuedCommands(Service):
     def _claimed(self, reply: Any, proto: TeltonikaProtocol) -> None:
         self.claims_answered += 1
         self._claiming.discard(proto)
+        self._claim_backoff.pop(proto, None)
         again = proto in self._again
         self._again.discard(proto)
         reply = [_text(v) if v is not None else "" for v in reply]
