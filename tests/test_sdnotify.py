@@ -201,3 +201,37 @@ def test_twistd_ready_only_once_redis_answers(
     events = [json.loads(line) for line in out.splitlines()]
     assert any(e["message"] == "told systemd: ready" for e in events)
     assert any(e["message"].startswith("systemd watchdog: pinging every 0.1 s") for e in events)
+
+
+@pytest.mark.integration
+def test_workers_supervisor_notifies_once_every_worker_is_ready(
+    tmp_path: Path, notify_socket: NotifySocket, redis_session: RedisProcess
+) -> None:
+    """--workers 2: the supervisor (the unit's main process) sends READY=1 once both workers
+    are ready, and pings the watchdog; the workers never talk to systemd themselves."""
+    http = free_port()
+    env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="400000")
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "teltonika-ingest", "--config", "", "--workers", "2",
+         "--listen", "tcp:0:interface=127.0.0.1",
+         "--metrics", f"tcp:{http}:interface=127.0.0.1",
+         "--redis-url", f"redis://127.0.0.1:{redis_session.port}/0",
+         "--instance-id", "notify-workers"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        got = notify_socket.until(lambda r: count(r, "READY=1") == 1, timeout=60)
+        ready = next(m for m in got if "READY=1" in m.split("\n"))
+        assert ready == "READY=1\nSTATUS=2 of 2 workers running"
+        assert readyz(http) == 200
+        notify_socket.until(lambda r: count(r, "WATCHDOG=1") >= 3)
+    finally:
+        code, out = stop(proc)
+    got = notify_socket.until(lambda r: count(r, "STOPPING=1") == 1, timeout=5)
+    assert count(got, "READY=1") == 1  # not one per worker
+    assert "supervisor shutdown complete" in out, out
+    assert code == -signal.SIGTERM, out

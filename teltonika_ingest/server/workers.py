@@ -169,6 +169,13 @@ class WorkerSupervisor(service.Service):
         self.http._raiseSynchronously = True
         self._pool = HTTPConnectionPool(reactor)
         self._pool._factory = _QuietClientFactory
+        # systemd notify from the supervisor (the unit's main process); read and removed from
+        # the environment here, before any worker is spawned, so workers never notify
+        from teltonika_ingest.server.sdnotify import SystemdNotifier
+
+        self.notifier = SystemdNotifier.from_environment(
+            clock=reactor, ready_check=self.readiness, status=self.status_line
+        )
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -214,6 +221,12 @@ class WorkerSupervisor(service.Service):
         for index in range(self.config.workers):
             self._spawn(index)
         self.http.startService()
+        if self.notifier is not None:
+            self.notifier.startService()  # READY=1 once every worker is ready
+
+    def status_line(self, elapsed: float) -> str:
+        """systemd's STATUS=."""
+        return f"{len(self.workers)} of {self.config.workers} workers running"
 
     def _spawn(self, index: int) -> None:
         self._restart_calls.pop(index, None)
@@ -293,6 +306,8 @@ class WorkerSupervisor(service.Service):
     async def _shutdown(self) -> None:
         self._stopping = True
         super().stopService()
+        if self.notifier is not None:
+            self.notifier.stopping()
         for call in self._restart_calls.values():
             if call.active():
                 call.cancel()
@@ -318,6 +333,8 @@ class WorkerSupervisor(service.Service):
             for sock in entry.values():
                 sock.close()
         log.info("supervisor shutdown complete")
+        if self.notifier is not None:
+            self.notifier.stopService()
 
     def _kill_all(self, running: list[_WorkerProcess]) -> None:
         for proto in running:
