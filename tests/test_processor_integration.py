@@ -187,6 +187,7 @@ async def test_postgres_down_nothing_acknowledged_then_everything_exactly_once(
             assert running.sample("processor_postgres_up") == 0
             assert pending(redis_session) > 0  # read, not acknowledged
             await wait_for(lambda: running.sample("processor_consumer_lag") > 0, timeout=5)
+            assert running.sample("processor_consumer_pending") > 0
             await wait_for(
                 lambda: running.svc.readiness().addCallback(lambda r: r is not None), timeout=20
             )
@@ -429,3 +430,37 @@ async def test_unhandled_errors_are_counted_and_the_loop_goes_on(
     await wait_for(lambda: processor.sample("processor_unhandled_errors_total") >= 1)
     add_many(redis_session, 3, start=3)
     await wait_for(lambda: count_rows(pg_url) == 6)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_lost_between_commit_and_xack_gives_duplicates_not_losses(
+    redis_proc: RedisProcess, pg_url: str, tmp_path: Path
+) -> None:
+    running = await start_processor(
+        redis_proc, pg_url, tmp_path,
+        "--claim-idle", "0.5", "--claim-interval", "0.3", "--batch-size", "100",
+    )  # fmt: skip
+    try:
+        add_many(redis_proc, 50)
+        await wait_for(lambda: count_rows(pg_url) == 50)
+        with psycopg.connect(pg_url) as lock:
+            lock.execute("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")
+            add_many(redis_proc, 50, start=50)
+            await wait_for(lambda: running.sample("processor_consumer_pending") > 0, timeout=10)
+            redis_proc.stop()  # AOF kept: the pending entries survive the restart
+            await wait_for(lambda: running.sample("processor_redis_up") == 0)
+        # the lock is released: the writes commit, their XACKs fail
+        await wait_for(lambda: count_rows(pg_url) == 100, timeout=10)
+        await wait_for(lambda: running.sample("processor_ack_failures_total") >= 1)
+        assert running.sample("processor_acks_total") == 50
+        await wait_for(
+            lambda: running.sample("processor_consumer_reads_total", result="error") >= 1
+        )
+        redis_proc.start()
+        # claimed again after --claim-idle: written again as duplicates, then acknowledged
+        await wait_for(lambda: pending(redis_proc) == 0, timeout=15)
+        assert running.sample("processor_position_writes_total", status="duplicate") == 50
+        assert count_rows(pg_url) == 100
+        assert running.sample("processor_redis_up") == 1
+    finally:
+        await running.svc.stopService()
