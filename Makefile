@@ -26,11 +26,15 @@ PROCESSOR_ARGS ?=
 # The live page is on in the local pipeline (127.0.0.1:9091), with a random token made once
 # in var/live-tokens.
 LIVE_ARGS ?= --live tcp:9091:interface=127.0.0.1 --live-tokens var/live-tokens
+# A command started with & by a non-interactive shell ignores SIGINT, and Python (twistd) keeps
+# an ignored SIGINT ignored: restore the default before exec, so the terminal's Ctrl-C reaches
+# the processor too (both drain at once; the trap covers the ingest exiting by itself).
+export SIGINT_DEFAULT := import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])
 run: $(STAMP)
 	mkdir -p var
 	test -s var/live-tokens || { umask 077; echo "dev-$$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n') *" > var/live-tokens; }
 	@echo "live page: http://127.0.0.1:9091/?token=$$(cut -d' ' -f1 var/live-tokens)"
-	$(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
+	$(BIN)/python -c "$$SIGINT_DEFAULT" $(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
 	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(LIVE_ARGS) $(PROCESSOR_ARGS) & processor=$$!; \
 	trap 'kill -TERM $$processor 2>/dev/null; wait $$processor' EXIT; \
 	$(BIN)/twistd -n --pidfile=var/ingest.pid teltonika-ingest $(ARGS)
