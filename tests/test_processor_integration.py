@@ -446,7 +446,9 @@ async def test_redis_lost_between_commit_and_xack_gives_duplicates_not_losses(
         with psycopg.connect(pg_url) as lock:
             lock.execute("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")
             add_many(redis_proc, 50, start=50)
-            await wait_for(lambda: running.sample("processor_consumer_pending") > 0, timeout=10)
+            # all 50 read (a batch blocked in its write, the next one read meanwhile)
+            await wait_for(lambda: pending(redis_proc) == 50, timeout=10)
+            await wait_for(lambda: running.sample("processor_consumer_pending") > 0)
             redis_proc.stop()  # AOF kept: the pending entries survive the restart
             await wait_for(lambda: running.sample("processor_redis_up") == 0)
         # the lock is released: the writes commit, their XACKs fail
