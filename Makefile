@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TOOLS  := $(VENV)/.test-tools
 
-.PHONY: run test lint bench clean browser image-test
+.PHONY: run test lint bench bench-scale bench-100k clean browser image-test
 
 # The run path installs nothing outside .venv (no apt-get; works as any user). The compiled
 # hot path is rebuilt when its source changes (a stale .so fails test_fastavl).
@@ -83,6 +83,18 @@ image-test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+	$(MAKE) bench-scale
+
+# issue 18: tail latency after saturation vs the ACK-only sink, 1 vs 2 workers, 10k and 30k
+# devices (~15 min); the JSON keeps the raw figures
+bench-scale: $(STAMP)
+	mkdir -p var
+	$(BIN)/python -m bench.scale tail workers fleet --json var/bench-scale.json > /dev/null
+
+# 100,000 devices: 6 workers, 6 simulator processes, ~4 min, stops by itself
+bench-100k: $(STAMP)
+	mkdir -p var
+	$(BIN)/python -m bench.scale fleet --sizes 100000 --json var/bench-100k.json > /dev/null
 
 clean:
 	rm -rf $(VENV) build *.egg-info var
