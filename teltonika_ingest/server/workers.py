@@ -390,14 +390,21 @@ class WorkerSupervisor(service.Service):
 
     async def merged_metrics(self) -> bytes:
         families: dict[str, Metric] = {}
-        for index, url in self.worker_urls("/metrics"):
-            if index not in self.workers:
+        urls = [(i, url) for i, url in self.worker_urls("/metrics") if i in self.workers]
+        # every worker at once: a scrape takes as long as the slowest worker, not the sum
+        replies = await defer.DeferredList(
+            [defer.ensureDeferred(self._get(url)) for _, url in urls], consumeErrors=True
+        )
+        for (index, _url), (ok, reply) in zip(urls, replies, strict=True):
+            if not ok:
+                failure: Any = reply
+                log.warn(
+                    "worker {index} metrics not read: {error}",
+                    index=index,
+                    error=failure.getErrorMessage(),
+                )
                 continue
-            try:
-                code, body = await self._get(url)
-            except Exception as e:
-                log.warn("worker {index} metrics not read: {error}", index=index, error=e)
-                continue
+            code, body = reply
             if code != 200:
                 continue
             for family in text_string_to_metric_families(body.decode()):
