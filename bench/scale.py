@@ -260,6 +260,16 @@ def run_tail(rounds: int, service_args: list[str]) -> dict[str, Any]:
     }
 
 
+def _by_reason(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """Counter ``name`` summed per ``reason`` over the workers (non-zero ones)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith(name + "{") and 'reason="' in key:
+            reason = key.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = out.get(reason, 0.0) + value
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
 def _evalsha_stats(port: int) -> tuple[int, int]:
     """(calls, usec) of EVALSHA in Redis' INFO commandstats."""
     text = e2e._redis_cmd(port, "INFO", "commandstats").decode(errors="replace")
@@ -478,6 +488,8 @@ def run_fleet(devices: int, duration: float, service_args: list[str]) -> dict[st
         "cpu_redis": rcpu / elapsed,
         "cpu_simulator": sim_cpu / elapsed,
         "wall_s": round(time.monotonic() - started, 1),
+        "disconnects": _by_reason(metrics, "teltonika_disconnects_total"),
+        "publish_failures": _by_reason(metrics, "teltonika_publish_failures_total"),
         "ack_metrics_p99_le_ms": quantile_bound(
             summed(metrics, "teltonika_ack_latency_seconds"), 0.99
         ),
