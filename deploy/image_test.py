@@ -264,9 +264,26 @@ def run_container(docker: str) -> None:
         user = inspect(docker, "{{.Config.User}}")
         uid = run([docker, "exec", CONTAINER, "id", "-u"], capture_output=True).stdout.strip()
         check("runs as a non-root user", user == "10001:10001" and uid == "10001", f"{user} {uid}")
+        # a device still connected at SIGTERM: closed by the shutdown, its registry field gone
+        held = socket.create_connection(("127.0.0.1", device_port), timeout=10)
+        held.sendall(IMEI_HANDSHAKE)
+        held.recv(1)
+
+        def owner() -> bytes:
+            return redis_cmd(redis_port, "HGET", "connections:registry", "356307042441013")
+
+        try:
+            wait("registered", lambda: b"image-test" in owner(), 10)
+            check("device registered", True)
+        except TimeoutError:
+            check("device registered", False, owner().decode().strip())
         stopping = time.monotonic()
         run([docker, "stop", "-t", "40", CONTAINER], capture_output=True)
         figures["sigterm_to_exit_seconds"] = round(time.monotonic() - stopping, 2)
+        check("the held device was disconnected", held.recv(1) == b"")
+        held.close()
+        left = redis_cmd(redis_port, "HLEN", "connections:registry")
+        check("registry emptied at shutdown", left == b":0\r\n", left.decode().strip())
         code = inspect(docker, "{{.State.ExitCode}}")
         figures["exit_code"] = int(code)
         logs = run([docker, "logs", CONTAINER], capture_output=True, check=False)
