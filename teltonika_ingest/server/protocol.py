@@ -196,9 +196,11 @@ class TeltonikaProtocol(Protocol):
         try:
             actions = session.receive(data)
             self._run(actions)
-            if session.buffered != self.buffered:
-                factory.buffer_changed(self, session.buffered)
-            if factory.settings.frame_timeout:
+            buffered = session.buffered
+            if buffered != self.buffered:
+                factory.buffer_changed(self, buffered)
+            # the usual read holds whole frames: nothing left over, no deadline to watch
+            if (buffered or self._frame_timer is not None) and factory.settings.frame_timeout:
                 self._watch_frame(any(type(a) in _FRAME_DONE for a in actions))
         except Exception:
             self._session_error(Failure())
