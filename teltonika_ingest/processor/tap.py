@@ -307,6 +307,18 @@ class ProcessorService(service.MultiService):
         self._stopping = True
         service.Service.stopService(self)
         watchdog = clock.callLater(config.shutdown_timeout, self._shutdown_overrun)
+        try:
+            await self._stop_children()
+        finally:
+            if watchdog.active():
+                watchdog.cancel()
+            if self._stop_counting_errors is not None:
+                self._stop_counting_errors()
+        log.info("shutdown complete")
+
+    async def _stop_children(self) -> None:
+        config = self.config
+        clock = self.reactor
         log.info("shutdown: 1/5 stop reading, write and acknowledge the batch in flight")
         drained = await _with_timeout(self.consumer.stopService(), config.drain_timeout, clock)
         if not drained:
@@ -332,11 +344,6 @@ class ProcessorService(service.MultiService):
             await self.embedded_pg.stopService()
         if self.embedded_redis is not None:
             await self.embedded_redis.stopService()
-        if watchdog.active():
-            watchdog.cancel()
-        log.info("shutdown complete")
-        if self._stop_counting_errors is not None:
-            self._stop_counting_errors()
 
     def _shutdown_overrun(self) -> None:
         log.critical(
