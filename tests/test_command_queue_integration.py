@@ -321,6 +321,20 @@ async def test_queue_bounds(redis_proc: RedisProcess, tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_entry_redis_cannot_store_is_refused_and_the_queue_goes_on(
+    pair: tuple[Running, Running], redis_proc: RedisProcess
+) -> None:
+    redis_proc.cmd("SET", device_key(IMEI), "in the way")  # a key of the wrong type
+    bad = enqueue(redis_proc, "getver")
+    result = await outcome(redis_proc, bad)
+    assert result["status"] == "invalid"
+    assert result["response"].startswith("Redis refused to store the command: WRONGTYPE")
+    good = enqueue(redis_proc, "getver", imei=OTHER)
+    await queued(redis_proc, good)
+    assert redis_proc.cmd("XLEN", QUEUE_KEY) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_unanswered_deliveries_fail_after_max_attempts(
     pair: tuple[Running, Running], redis_proc: RedisProcess
 ) -> None:

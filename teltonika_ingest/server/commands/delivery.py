@@ -767,16 +767,27 @@ class QueuedCommands(Service):
                 )
             return
         request = parsed.request
-        reply = await self.reader.run_script(
-            ACCEPT,
-            [QUEUE_KEY],
-            [
-                GROUP, entry_id, s.results_limits, at, self.instance_id, request.id,
-                request.imei, "", s.max_per_device, s.max_total, parsed.kind,
-                parsed.payload_text, request.codec, int(request.timeout * 1000),
-                int(parsed.ttl * 1000), parsed.max_attempts,
-            ],
-        )  # fmt: skip
+        args = [
+            GROUP, entry_id, s.results_limits, at, self.instance_id, request.id,
+            request.imei, "", s.max_per_device, s.max_total, parsed.kind,
+            parsed.payload_text, request.codec, int(request.timeout * 1000),
+            int(parsed.ttl * 1000), parsed.max_attempts,
+        ]  # fmt: skip
+        try:
+            reply = await self.reader.run_script(ACCEPT, [QUEUE_KEY], args)
+        except RedisReplyError as e:
+            if e.code in ("NOGROUP", "NOSCRIPT", "LOADING", "BUSY", "OOM", "READONLY"):
+                raise  # Redis's state, not this entry's: read it again later
+            # Redis refused to store this entry (e.g. a key of the wrong type in its way):
+            # refuse it with the reason rather than retry it for ever and block the queue
+            log.error(
+                "storing queued command {id} for {imei} failed: {error}; refusing it",
+                id=request.id,
+                imei=request.imei,
+                error=str(e),
+            )
+            args[7] = f"Redis refused to store the command: {str(e)[:200]}"
+            reply = await self.reader.run_script(ACCEPT, [QUEUE_KEY], args)
         self._accepted(entry_id, request.id, request.imei, reply)
 
     def _accepted(self, entry_id: str, cid: str, imei: str, reply: Any) -> None:
