@@ -30,8 +30,20 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     "command": (
         "teltonika-ingest command 356307042441013 getinfo",
         "teltonika-ingest command 356307042441013 getver --codec 14 --timeout 60",
-        "teltonika-ingest command 356307042441013 getstatus --redis-url redis://10.0.0.5:6379/0 "
-        "--json",
+        "teltonika-ingest command 356307042441013 'setdigout 1' --queue --ttl 6h --no-wait",
+    ),
+    "commands": (
+        "teltonika-ingest commands list 356307042441013",
+        "teltonika-ingest commands list --json --limit 20",
+        "teltonika-ingest commands cancel cli-5d1c0f",
+    ),
+    "commands list": (
+        "teltonika-ingest commands list 356307042441013",
+        "teltonika-ingest commands list --limit 1000 --json --redis-url redis://10.0.0.5:6379/0",
+    ),
+    "commands cancel": (
+        "teltonika-ingest commands cancel cli-5d1c0f",
+        "teltonika-ingest commands cancel 9b1e --redis-url redis://10.0.0.5:6379/0",
     ),
     "dlq": (
         "teltonika-ingest dlq list --count 10",
