@@ -191,6 +191,54 @@ async def test_killed_worker_is_restarted_and_its_stale_fields_removed(
         svc.kill()
 
 
+@pytest_twisted.ensureDeferred
+async def test_udp_with_workers_each_source_sticks_to_one_worker(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """UDP: one SO_REUSEPORT socket per worker; the kernel sends a source address to the same
+    worker every time, so a resent datagram meets the dedup window that saw the first copy."""
+    import socket as socketlib
+
+    from test_udp import datagram
+
+    with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        udp_port = probe.getsockname()[1]
+    svc = TwistdProcess(
+        redis_proc, tmp_path, "--workers", "2", "--udp-port", str(udp_port),
+        "--udp-interface", "127.0.0.1",
+    )  # fmt: skip
+    sockets = []
+    try:
+        await svc.ready()
+        for index in range(16):  # 16 source ports: both workers get some (2^-15 otherwise)
+            sock = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+            sock.settimeout(10)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+            data = datagram(index, index, n=2, imei=imei_for(BASE, 500 + index))
+            for _copy in range(2):  # the datagram and its resend, from the same address
+                sock.sendto(data, ("127.0.0.1", udp_port))
+                ack = sock.recv(64)
+                assert ack[-1] == 2  # 2 records ACKed, both times
+        text = await metrics_text(svc)
+        ok = {w: f'teltonika_udp_datagrams_total{{result="ok",worker="{w}"}}' for w in "01"}
+        dup = {w: f'teltonika_udp_datagrams_total{{result="duplicate",worker="{w}"}}' for w in "01"}
+        values = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("teltonika_udp_datagrams_total{")
+        }
+        assert all(values.get(ok[w], 0) > 0 for w in "01"), values  # both workers served
+        assert sum(values.get(ok[w], 0) for w in "01") == 16
+        assert sum(values.get(dup[w], 0) for w in "01") == 16  # every resend recognised
+        assert redis_proc.cmd("XLEN", "telemetry:teltonika") == 16 * 2  # none published twice
+    finally:
+        for sock in sockets:
+            sock.close()
+        svc.kill()
+
+
 # --------------------------------------------------------------------------- units
 
 
