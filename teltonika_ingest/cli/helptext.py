@@ -45,19 +45,6 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         "teltonika-ingest commands cancel cli-5d1c0f",
         "teltonika-ingest commands cancel 9b1e --redis-url redis://10.0.0.5:6379/0",
     ),
-    "commands": (
-        "teltonika-ingest commands list 356307042441013",
-        "teltonika-ingest commands list --limit 20 --json",
-        "teltonika-ingest commands cancel cli-5f0c2a9e",
-    ),
-    "commands list": (
-        "teltonika-ingest commands list 356307042441013",
-        "teltonika-ingest commands list --limit 20 --json --redis-url redis://10.0.0.5:6379/0",
-    ),
-    "commands cancel": (
-        "teltonika-ingest commands cancel cli-5f0c2a9e",
-        "teltonika-ingest commands cancel cli-5f0c2a9e --redis-url redis://10.0.0.5:6379/0",
-    ),
     "dlq": (
         "teltonika-ingest dlq list --count 10",
         "teltonika-ingest dlq replay --dry-run",
