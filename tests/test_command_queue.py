@@ -230,6 +230,28 @@ def test_accept_stores_the_command_acknowledges_and_wakes_the_holder(queue: Queu
     assert queue.add("c3", OTHER) == ["queued", "", 1]
 
 
+def test_an_entry_older_than_its_ttl_is_expired_not_stored(queue: Queue) -> None:
+    """The TTL runs from the entry's id (Redis's clock when it was added), e.g. an entry that
+    waited while no instance ran."""
+    redis = queue.redis
+    seconds, _micros = redis.cmd("TIME")
+    old = f"{(int(seconds) - 120) * 1000}-0"  # added two minutes ago
+    redis.cmd("XADD", QUEUE_KEY, old, "id", "c1", "imei", IMEI, "text", "setdigout 1")
+    redis.cmd("XREADGROUP", "GROUP", GROUP, "a", "STREAMS", QUEUE_KEY, ">")
+    assert queue.accept(old, "c1", IMEI, ttl_ms=60_000) == ["expired"]
+    (result,) = queue.results()
+    assert result["status"] == "expired"
+    assert result["response"].startswith("expired before it was stored: the entry is 12")
+    assert queue.queued() == [] and queue.command("c1") == {}
+    assert redis.cmd("XPENDING", QUEUE_KEY, GROUP)[0] == 0
+    # within its TTL it is stored, with the TTL counted from the entry
+    fresh = f"{(int(seconds) - 120) * 1000}-1"
+    redis.cmd("XADD", QUEUE_KEY, fresh, "id", "c2", "imei", IMEI, "text", "getver")
+    redis.cmd("XREADGROUP", "GROUP", GROUP, "a", "STREAMS", QUEUE_KEY, ">")
+    assert queue.accept(fresh, "c2", IMEI, ttl_ms=600_000)[0] == "queued"
+    assert int(queue.command("c2")["expires"]) == (int(seconds) - 120) * 1000 + 600_000
+
+
 def test_accept_twice_is_a_no_op(queue: Queue) -> None:
     """A retry after a lost reply (or another instance taking the entry over)."""
     queue.add("c1")

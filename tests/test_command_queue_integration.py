@@ -252,23 +252,30 @@ async def test_ttl_expiry_with_both_instances_restarted(
     await a.svc.stopService()
     await b.svc.stopService()
     expires = int(redis_proc.cmd("HGET", queued_key(command_id), "expires"))
+    unread = enqueue(redis_proc, "setdigout 0", ttl_s="1")  # added while nobody runs
+    ((entry_id, _fields),) = redis_proc.cmd("XRANGE", QUEUE_KEY, "-", "+")
+    expires = max(expires, int(entry_id.split("-")[0]) + 1000)
 
     def redis_ms() -> int:
         seconds, micros = redis_proc.cmd("TIME")
         return int(seconds) * 1000 + int(micros) // 1000
 
-    await wait_for(lambda: redis_ms() > expires, timeout=5)  # it expired while nobody ran
-    assert outcomes_of(redis_proc, command_id) == []
+    await wait_for(lambda: redis_ms() > expires, timeout=5)  # both expired meanwhile
+    assert outcomes_of(redis_proc, command_id) == outcomes_of(redis_proc, unread) == []
     a = await start(redis_proc, tmp_path, "inst-a")
     b = await start(redis_proc, tmp_path, "inst-b")
     try:
         result = await outcome(redis_proc, command_id)
         assert result["status"] == "expired"
-        await counted((a, b), 1, "teltonika_commands_total", status="expired")
+        late = await outcome(redis_proc, unread)
+        assert (late["status"], late["attempts"]) == ("expired", "0")
+        assert late["response"].startswith("expired before it was stored")
+        await counted((a, b), 2, "teltonika_commands_total", status="expired")
     finally:
         await a.svc.stopService()
         await b.svc.stopService()
-    assert len(outcomes_of(redis_proc, command_id)) == 1
+    assert len(outcomes_of(redis_proc, command_id)) == len(outcomes_of(redis_proc, unread)) == 1
+    assert redis_proc.cmd("EXISTS", queued_key(unread)) == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -794,6 +794,15 @@ class QueuedCommands(Service):
         reply = [_text(v) for v in reply]
         if reply[0] == "duplicate":
             log.info("command queue entry {entry} was already handled", entry=entry_id)
+        elif reply[0] == "expired":
+            self.metrics.commands.labels(status="expired").inc()
+            log.warn(
+                "command outcome expired for {id} ({imei}, queue entry {entry}): older than "
+                "its TTL when read",
+                id=cid,
+                imei=imei,
+                entry=entry_id,
+            )
         elif reply[0] == "invalid":
             self.metrics.commands.labels(status="invalid").inc()
             log.warn(

@@ -285,7 +285,7 @@ def _script(body: str) -> Script:
 # 6 id, 7 imei, 8 refusal ('' = accept), 9 max per device, 10 max total, 11 kind (text|hex),
 # 12 payload, 13 codec, 14 timeout ms, 15 ttl ms, 16 max attempts.
 # -> {'duplicate'} (entry no longer pending: already handled), {'invalid', reason},
-#    {'queued', holder or '', position}
+#    {'expired'} (older than its TTL already), {'queued', holder or '', position}
 ACCEPT = _script(
     """
 local group, entry, maxlen, at, me = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -307,6 +307,17 @@ if ARGV[8] ~= '' then return refuse(ARGV[8]) end
 if redis.call('EXISTS', qkey(id)) == 1 then
   return refuse('invalid command entry: a command with id ' .. id .. ' is already queued')
 end
+-- the TTL runs from when the entry was added (its id: Redis's clock), not from now: an entry
+-- that waited unread (no instance running) is not given a new lease of life
+local now = now_ms()
+local score, slot = slot_of(entry, id)
+local expires = score + tonumber(ARGV[15])
+if now >= expires then
+  record(maxlen, id, imei, 'expired', 'expired before it was stored: the entry is '
+    .. math.floor((now - score) / 1000) .. ' s old, past its TTL', me, at, entry, 0, {})
+  done()
+  return {'expired'}
+end
 local depth = redis.call('ZCARD', dkey(imei))
 if depth >= tonumber(ARGV[9]) then
   return refuse('queue full: ' .. depth .. ' commands already queued for this IMEI '
@@ -317,13 +328,10 @@ if total >= tonumber(ARGV[10]) then
   return refuse('queue full: ' .. total .. ' commands queued in all '
     .. '(--command-queue-max-total ' .. ARGV[10] .. ')')
 end
-local now = now_ms()
-local expires = now + tonumber(ARGV[15])
-local score, slot = slot_of(entry, id)
 redis.call('HSET', qkey(id), 'id', id, 'imei', imei, 'entry', entry, 'slot', slot, 'kind', ARGV[11],
   'payload', ARGV[12], 'codec', ARGV[13], 'timeout_ms', ARGV[14], 'expires', expires,
   'max_attempts', ARGV[16], 'attempts', 0, 'state', 'queued', 'instance', '',
-  'enqueued', now)
+  'enqueued', score)
 redis.call('ZADD', dkey(imei), score, slot)
 redis.call('ZADD', EXPIRY, expires, id)
 done()
