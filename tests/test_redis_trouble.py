@@ -21,6 +21,7 @@ from teltonika_ingest.redis.client import (
     connect_failure_reason,
     refusal,
 )
+from teltonika_ingest.redis.embedded import EmbeddedRedisTarget
 
 from redisproc import RedisProcess
 
@@ -107,3 +108,18 @@ async def test_wrong_password_warns_with_the_reason(
         assert "unreachable or refusing" in line and "WRONGPASS" in line
     finally:
         await client.stopService()
+
+
+def test_no_trouble_while_the_embedded_redis_is_starting(
+    warnings: Callable[[], list[str]],
+) -> None:
+    """Clients start with the embedded Redis, before its socket exists: failing to reach it
+    then is expected; once it has answered (or given up), failures are trouble again."""
+    starting = [True]
+    target = EmbeddedRedisTarget(unix_path="/nonexistent/redis.sock", starting=lambda: starting[0])
+    client = RedisClient(target, reactor=task.Clock())
+    client.trouble("No such file or directory")
+    assert warnings() == []
+    starting[0] = False
+    client.trouble("No such file or directory")
+    assert len(warnings()) == 1

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -344,3 +346,42 @@ def http_ready(port: int) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+@pytest.mark.integration
+def test_embedded_default_warns_only_that_it_is_for_development(tmp_path: Path) -> None:
+    """make run's case: no Redis URL, the embedded redis-server started with the clients. Its
+    socket does not exist yet when they first try: not trouble. One WARNING: the documented
+    "for development" one."""
+    data = tempfile.mkdtemp(prefix="emb-", dir="/tmp")  # a unix socket path is short
+    http = free_port()
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "teltonika-ingest", "--config", "",
+         "--listen", "tcp:0:interface=127.0.0.1",
+         "--metrics", f"tcp:{http}:interface=127.0.0.1",
+         "--data-dir", data, "--instance-id", "embedded-run", "--log-format", "json"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not http_ready(http):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "not ready within 30 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        shutil.rmtree(data, ignore_errors=True)
+    events = [json.loads(line) for line in out.splitlines()]
+    loud = [e["message"] for e in events if e["level"] not in ("debug", "info")]
+    assert len(loud) == 1 and loud[0].startswith("No Redis URL configured: started an embedded"), (
+        loud
+    )
+    assert any(e["message"] == "shutdown complete" for e in events)

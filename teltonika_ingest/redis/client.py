@@ -395,6 +395,11 @@ class RedisClient(Service):
     def trouble(self, reason: str) -> None:
         """Redis is unreachable or refuses us: WARNING now if none was logged within
         ``trouble_log_interval``, else counted and mentioned in the next one."""
+        starting = getattr(self.target, "starting", None)
+        if starting is not None and starting():
+            # the embedded Redis is still coming up: expected, not trouble
+            log.debug("Redis {where} not up yet: {reason}", where=self._where, reason=reason)
+            return
         now = self._reactor.seconds()
         if self._trouble_next is not None and now < self._trouble_next:
             self._trouble_quiet += 1

@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -82,6 +82,9 @@ class EmbeddedRedisTarget:
     port: int | None = None
     db: int = 0
     password: str | None = None
+    #: True while the server is being started and has not answered yet: clients do not
+    #: report failing to reach it as trouble then (RedisClient.trouble)
+    starting: Callable[[], bool] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 def find_redis_server() -> str:
@@ -187,7 +190,7 @@ class EmbeddedRedisService(Service):
         self.socket_path = os.path.join(self.data_dir, "redis.sock")
         self.log_path = os.path.join(self.data_dir, "redis.log")
         self.pid_path = os.path.join(self.data_dir, "redis.pid")
-        self.target = EmbeddedRedisTarget(unix_path=self.socket_path)
+        self.target = EmbeddedRedisTarget(unix_path=self.socket_path, starting=self._starting)
         self.binary = binary
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
@@ -199,6 +202,9 @@ class EmbeddedRedisService(Service):
         self._ended = True
         self._stopping = False
         self._exit_waiters: list[Deferred[None]] = []
+
+    def _starting(self) -> bool:
+        return bool(self.running) and not self.ready.called
 
     @property
     def pid(self) -> int | None:
