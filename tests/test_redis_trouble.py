@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from test_redisclient import connected_client, failure_of, wait_until
 from twisted.internet import reactor, task
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -65,6 +65,8 @@ def test_rate_limited_with_the_count_in_between(warnings: Callable[[], list[str]
 
 def test_reasons_in_words() -> None:
     assert connect_failure_reason(Failure(ConnectionRefusedError())) == "connection refused"
+    missing = ConnectError(osError=2, string="No such file or directory")
+    assert connect_failure_reason(Failure(missing)) == "No such file or directory"
     dns = connect_failure_reason(Failure(DNSLookupError("no results for hostname lookup: x.")))
     assert "x." in dns and "<" not in dns
     assert refusal(RedisReplyError("READONLY You can't write against a read only replica."))

@@ -36,6 +36,7 @@ here must be the running one; it is used for deadlines, endpoints and backoff.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -180,6 +181,8 @@ def connect_failure_reason(failure: Failure) -> str:
         return "connect timed out"
     if isinstance(exc, net_error.NoRouteError):
         return "no route to host"
+    if isinstance(exc, net_error.ConnectError) and isinstance(exc.osError, int):
+        return os.strerror(exc.osError)  # e.g. a unix socket path that does not exist
     message = failure.getErrorMessage()
     return " ".join(message.split()) or type(exc).__name__
 
