@@ -451,10 +451,14 @@ class Consumer(Service):
             self._write_failing_since = None
         self.write_failing = None
         self.metrics.postgres_up.set(1)
+        # one observation per packet: its records are consecutive and share received_at
         committed = time.time()
         observe = self.metrics.commit_delay.observe
+        previous = None
         for row in rows:
-            observe(committed - row.received_at.timestamp())
+            if row.received_at != previous:
+                previous = row.received_at
+                observe(committed - previous.timestamp())
         self.metrics.writes.labels("inserted").inc(inserted)
         self.metrics.writes.labels("duplicate").inc(len(rows) - inserted)
         for device_id, row in newest.items():

@@ -61,8 +61,9 @@ class ProcessorMetrics:
         )
         self.commit_delay = Histogram(
             "processor_commit_delay_seconds",
-            "Seconds from the ingest receiving a record (its received_at) to its row's "
-            "COMMIT: an upper bound of ACK-to-visible, clock skew between hosts included.",
+            "Seconds from the ingest receiving a packet (its records' received_at) to the "
+            "COMMIT of their rows, one observation per packet: an upper bound of "
+            "ACK-to-visible, clock skew between hosts included.",
             buckets=_DELAY_BUCKETS,
             registry=registry,
         )
