@@ -211,6 +211,20 @@ async def test_subscribe_snapshot_then_live_positions(
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_reader_starts_at_the_tail(redis_session: RedisProcess, tmp_path: Path) -> None:
+    xadd(redis_session, IMEI_A, 1)  # before the feed started: history, not live
+    running = await start_live(redis_session, tmp_path, tokens=TOKENS)
+    try:
+        client = await running.connect("t-all")
+        client.send_json({"type": "subscribe", "devices": [IMEI_A]})
+        await client.expect("subscribed")
+        xadd(redis_session, IMEI_A, 2)
+        assert (await client.expect("position"))["ts"] == "2023-11-14T22:13:22.000Z"
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_star_subscription_and_its_unsubscribe(
     live: Live, redis_session: RedisProcess
 ) -> None:
