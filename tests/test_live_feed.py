@@ -225,6 +225,43 @@ async def test_the_reader_starts_at_the_tail(redis_session: RedisProcess, tmp_pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_redis_going_away_and_back(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    running = await start_live(redis_proc, tmp_path, tokens=TOKENS)
+    try:
+        client = await running.connect("t-all")
+        client.send_json({"type": "subscribe", "devices": [IMEI_A]})
+        await client.expect("subscribed")
+        redis_proc.kill()
+        await wait_for(lambda: running.sample("processor_live_reads_total", result="error") >= 1)
+        assert client.close_code is None  # the clients stay; the feed is only quiet
+        redis_proc.restart()
+        xadd(redis_proc, IMEI_A, 3)
+        pos = await client.expect("position", timeout=15)  # reconnect backoff is short
+        assert pos["ts"] == "2023-11-14T22:13:23.000Z"
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_failure_is_an_error_message_not_a_close(
+    redis_session: RedisProcess, tmp_path: Path
+) -> None:
+    def broken(devices: Any) -> defer.Deferred[list[dict[str, Any]]]:
+        return defer.fail(ConnectionError("PostgreSQL is down"))
+
+    running = await start_live(redis_session, tmp_path, tokens=TOKENS, snapshot=broken)
+    try:
+        client = await running.connect("t-all")
+        client.send_json({"type": "subscribe", "devices": [IMEI_A]})
+        await client.expect("subscribed")
+        assert await client.expect("error") == {"type": "error", "reason": "snapshot unavailable"}
+        xadd(redis_session, IMEI_A, 4)  # live positions flow all the same
+        assert (await client.expect("position"))["device_id"] == IMEI_A
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_star_subscription_and_its_unsubscribe(
     live: Live, redis_session: RedisProcess
 ) -> None:
