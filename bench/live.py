@@ -17,13 +17,13 @@ Everything on loopback, every process started here and stopped again (by its pid
    (client i: devices i*per .. i*per+per-1, modulo the fleet, so each device has
    clients*per/devices subscribers).
 
-Two phases on the same processes: ``without`` (no clients connected) and ``with`` (all of
-them), each ``--seconds`` long after a warm-up. Measured per phase: durable throughput
-(``processor_position_writes_total`` rate) and consumer lag, the feed's CPU time and RSS,
-and with clients: broadcast lag at the clients (receive time - ``received_at``; the feeder
-sets ``received_at`` to the moment it adds the entry) p50/p99/max, the server's
-``processor_live_broadcast_lag_seconds`` histogram, messages received, positions dropped,
-closes by code.
+Phases on the same processes: no clients, then each count of ``--clients`` (e.g.
+``250,1000``), then no clients again, each ``--seconds`` long after a warm-up. Measured per
+phase: durable throughput (``processor_position_writes_total`` rate) and consumer lag, the
+feed's CPU time and RSS, and with clients: broadcast lag at the clients (receive time -
+``received_at``; the feeder sets ``received_at`` to the moment it adds the entry)
+p50/p99/max, the server's ``processor_live_broadcast_lag_seconds`` histogram, messages
+received, positions dropped, closes by code.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from bench.e2e import (
     cpu_seconds,
     free_port,
     histogram_quantiles,
+    machine_busy_seconds,
     redis_server,
     rss_kib,
     scrape,
@@ -222,7 +223,8 @@ def serve(args: argparse.Namespace) -> int:
 
     registry = CollectorRegistry()
     svc = LiveService(
-        LiveSettings(endpoint=f"tcp:{args.port}:interface=127.0.0.1", tokens_file=args.tokens,
+        LiveSettings(endpoint=f"tcp:{args.port}:interface=127.0.0.1:backlog=1024",
+                     tokens_file=args.tokens,
                      stream=args.stream),
         redis_target=RedisTarget(host="127.0.0.1", port=args.redis_port),
         decode=decode_entry, snapshot=lambda devices: defer.succeed([]), registry=registry,
@@ -286,7 +288,8 @@ def feed_target(
             argv = [str(BIN / "twistd"), "-n", "--pidfile=", "teltonika-processor",
                     "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--database-url", database,
                     "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
-                    "--live", f"tcp:{port}:interface=127.0.0.1", "--live-tokens", str(tokens),
+                    "--live", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+                    "--live-tokens", str(tokens),
                     "--data-dir", str(workdir / "data")]  # fmt: skip
         else:
             argv = [PYTHON, "-m", "bench.live", "serve", "--redis-port", str(redis_port),
@@ -314,11 +317,12 @@ def _delta_hist(before: dict[str, float], after: dict[str, float], name: str) ->
 WRITES = 'processor_position_writes_total{status="inserted"}'
 
 
-def phase(args: argparse.Namespace, target: dict[str, Any], with_clients: bool) -> dict[str, Any]:
+def phase(args: argparse.Namespace, target: dict[str, Any], clients: int) -> dict[str, Any]:
     pid = target["proc"].pid
     procs: list[subprocess.Popen[str]] = []
+    with_clients = clients > 0
     if with_clients:
-        per_proc = args.clients // args.client_procs
+        per_proc = clients // args.client_procs
         for k in range(args.client_procs):
             procs.append(subprocess.Popen(
                 [PYTHON, "-m", "bench.live", "clients", "--port", str(target["port"]),
@@ -332,17 +336,24 @@ def phase(args: argparse.Namespace, target: dict[str, Any], with_clients: bool) 
         ramp = 0.0
     time.sleep(ramp + args.warmup)
     m0, cpu0, t0 = scrape(target["metrics_port"]), cpu_seconds(pid), time.monotonic()
+    busy0 = machine_busy_seconds()
+    clients0 = sum(cpu_seconds(p.pid) for p in procs)
     rss_peak = 0
     while time.monotonic() - t0 < args.seconds:
         rss_peak = max(rss_peak, rss_kib(pid)[0])
         time.sleep(0.5)
     m1, cpu1, t1 = scrape(target["metrics_port"]), cpu_seconds(pid), time.monotonic()
+    busy1 = machine_busy_seconds()
+    clients1 = sum(cpu_seconds(p.pid) for p in procs)
     seconds = t1 - t0
     result: dict[str, Any] = {
-        "clients": args.clients if with_clients else 0,
+        "clients": clients,
         "durable_rows_per_s": round(_rate(m0, m1, WRITES, seconds), 1),
         "consumer_lag_end": m1.get("processor_consumer_lag"),
         "feed_cpu_percent": round(100 * (cpu1 - cpu0) / seconds, 1),
+        "clients_cpu_percent": round(100 * (clients1 - clients0) / seconds, 1),
+        # the whole machine (2 cores = 200 %): everyone's work, ours and the other sessions'
+        "machine_busy_percent": round(100 * (busy1 - busy0) / seconds, 1),
         "rss_mib_peak": round(rss_peak / 1024, 1),
         "live_connections": m1.get("processor_live_connections"),
         "server_lag": _delta_hist(m0, m1, "processor_live_broadcast_lag_seconds"),
@@ -381,16 +392,17 @@ def run(args: argparse.Namespace) -> int:
                 feeder = subprocess.Popen(
                     [PYTHON, "-m", "bench.live", "feed", "--redis-port", str(redis_port),
                      "--devices", str(args.devices), "--rate", str(args.rate),
-                     "--seconds", str(3 * (args.seconds + args.warmup) + 60)],
+                     "--seconds", str((len(args.clients) + 2) * (args.seconds + args.warmup + 25))],
                     stdout=subprocess.DEVNULL,
                 )  # fmt: skip
                 try:
-                    without = phase(args, target, with_clients=False)
-                    with_ = phase(args, target, with_clients=True)
-                    after = phase(args, target, with_clients=False)
+                    phases = [phase(args, target, 0)]
+                    for count in args.clients:
+                        phases.append(phase(args, target, count))
+                    phases.append(phase(args, target, 0))
                 finally:
                     _stop(feeder)
-            run_result = {"run": n + 1, "without": without, "with": with_, "after": after}
+            run_result = {"run": n + 1, "phases": phases}
             print(json.dumps(run_result), flush=True)
             results.append(run_result)
         finally:
@@ -405,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run")
     p.add_argument("--target", choices=("processor", "live"), default="processor")
-    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument(
+        "--clients",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1000],
+        help="client counts, one phase each, e.g. 250,1000 (between phases without clients)",
+    )
     p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--per-client", type=int, default=10)
     p.add_argument("--devices", type=int, default=2000)

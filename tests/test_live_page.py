@@ -130,6 +130,7 @@ async def test_a_moving_device_moves_on_the_page(
         assert last["xy"][0] > first["xy"][0] and last["xy"][1] < first["xy"][1]  # NE on screen
         assert last["pixel"][:3] != [15, 20, 25]  # the dot, not the background
         assert IMEI_A in last["row"] and "38" in last["row"]  # speed of the last step
+        assert "gps" in last["row"] and "✗" not in last["row"]  # the ingest's quality flags
         other = await page_state(browser, IMEI_B)
         assert other is not None and other["trail"] == 1
         # quality flags, from the snapshot row of a device without a GPS fix
