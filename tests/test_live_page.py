@@ -116,7 +116,8 @@ async def test_a_moving_device_moves_on_the_page(
 
             await wait_for(shown, timeout=10)
 
-        first = seen[0]
+        # the earliest state the page had drawn (the projection exists from the first frame on)
+        first = next(state for state in seen if state.get("xy"))
 
         async def drawn() -> bool:  # the next animation frame has drawn the newest state
             state = await page_state(browser, IMEI_A)
@@ -126,7 +127,7 @@ async def test_a_moving_device_moves_on_the_page(
         await wait_for(drawn, timeout=10)
         last = seen[-1]
         assert last["status"] == "connected"
-        assert last["trail"] >= 8  # the short trail: every step so far
+        assert last["trail"] >= 8 and first["trail"] < last["trail"]  # the trail: every step
         assert last["xy"][0] > first["xy"][0] and last["xy"][1] < first["xy"][1]  # NE on screen
         assert last["pixel"][:3] != [15, 20, 25]  # the dot, not the background
         assert IMEI_A in last["row"] and "38" in last["row"]  # speed of the last step

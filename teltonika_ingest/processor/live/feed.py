@@ -354,6 +354,8 @@ class FeedProtocol(WebSocketServerProtocol):
             self._write(p.prepared)
 
     def _slow(self, why: str) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()  # closing for the other reason (too much pending)
         self._stall = None
         if self._close_code is not None:
             return
