@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from teltonika_ingest.redis.resp import encode_command
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "image"
 WHEELHOUSE = ROOT / "wheelhouse"
@@ -210,9 +212,7 @@ def device_ack(port: int) -> tuple[bytes, bytes, float]:
 
 
 def redis_cmd(port: int, *args: str) -> bytes:
-    payload = b"*%d\r\n" % len(args) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
-    )
+    payload = encode_command(args)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(payload)
         return s.recv(4096)
