@@ -168,3 +168,15 @@ def test_malformed_entries_are_refused_with_a_reason(
             del base[k]
     with pytest.raises(DecodeError, match=reason.replace("^", r"\^")):
         decode_entry("1-0", base)
+
+
+def test_dead_letter_fields_give_back_the_original_entry() -> None:
+    from teltonika_ingest.processor.cli import original_fields
+    from teltonika_ingest.processor.consumer import original_as_letter_fields
+
+    original = {"imei": IMEI, "codec": "8E", "ts": "x", "payload": "{", "error": "theirs"}
+    flat = original_as_letter_fields(original)
+    assert "original:error" in flat and flat.count("error") == 0
+    letter = {"entry_id": "1-0", "error": "decode: payload is not JSON", "deliveries": "5"}
+    letter.update(zip(flat[0::2], flat[1::2], strict=True))
+    assert original_fields(letter) == original

@@ -43,7 +43,14 @@ from teltonika_ingest.processor.state import DeviceState
 from teltonika_ingest.processor.writer import LastPosition, load_last_positions, write_batch
 from teltonika_ingest.redis.client import RedisClient, RedisError, RedisReplyError
 
-__all__ = ["DLQ_META_FIELDS", "Consumer", "Entry", "fields_of", "fired"]
+__all__ = [
+    "DLQ_META_FIELDS",
+    "Consumer",
+    "Entry",
+    "fields_of",
+    "fired",
+    "original_as_letter_fields",
+]
 
 log = Logger()
 
@@ -72,6 +79,15 @@ def _entries(reply: Any) -> list[Entry]:
     for _stream, items in reply:
         for entry_id, flat in items or ():
             out.append((str(entry_id), fields_of(flat)))
+    return out
+
+
+def original_as_letter_fields(fields: dict[str, Any]) -> list[Any]:
+    """An entry's own fields for its dead letter (flat); a name the letter uses itself is
+    kept as ``original:<name>``."""
+    out: list[Any] = []
+    for name, value in fields.items():
+        out += ["original:" + name if name in DLQ_META_FIELDS else name, value]
     return out
 
 
@@ -523,8 +539,7 @@ class Consumer(Service):
                 "failed_at", datetime.now(UTC).isoformat(timespec="milliseconds")
                 .replace("+00:00", "Z"),
             ]  # fmt: skip
-            for name, value in fields.items():
-                letter += ["original:" + name if name in DLQ_META_FIELDS else name, value]
+            letter += original_as_letter_fields(fields)
             await self.redis.transaction(
                 [
                     ["XADD", self.dlq_stream, "*", *letter],
