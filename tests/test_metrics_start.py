@@ -121,3 +121,41 @@ def test_literal_label_values_in_the_code_are_precreated() -> None:
         used = set(re.findall(rf'\.{attr}\.labels\({label}="(\w+)"\)', source))
         assert used, attr
         assert used <= set(values), (attr, used - set(values))
+
+
+def test_publish_failures_of_a_fleet_are_a_few_lines_a_minute() -> None:
+    """Redis away fails every device's publish: the error and close lines are bounded for
+    the fleet (not per device), the next window says how many were suppressed, and the
+    metrics count every one."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from teltonika_ingest.server.budget import WINDOW_S
+
+    from support import Harness, avl_frame
+
+    seen: list[Any] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        h = Harness()
+
+        def fail_one(port: int) -> None:
+            proto, _transport = h.handshaken(port=port, imei=f"35630704{port:07d}")
+            proto.dataReceived(avl_frame(1))
+            h.publisher.calls[-1][2].errback(RedisUnavailable("connecting"))
+
+        for i in range(20):
+            fail_one(41000 + i)
+        h.clock.advance(WINDOW_S + 1)
+        fail_one(42000)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    errors = [formatEvent(e) for e in seen if e.get("log_level") is LogLevel.error]
+    closes = [
+        formatEvent(e)
+        for e in seen
+        if e.get("log_level") is LogLevel.warn and "publish_failed" in formatEvent(e)
+    ]
+    burst = h.factory.log_limit.burst
+    assert len(errors) == burst + 1 and len(closes) == burst + 1, (errors, closes)
+    assert errors[-1].endswith(f"({20 - burst} similar lines suppressed)")
+    assert h.sample("teltonika_disconnects_total", reason="publish_failed") == 21

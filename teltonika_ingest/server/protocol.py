@@ -457,12 +457,22 @@ class TeltonikaProtocol(Protocol):
             )
 
     def _publish_failed(self, failure: Failure) -> None:
-        log.error(
-            "publish failed for {imei} ({peer}); not ACKed, closing so the device resends: {error}",
-            imei=self.imei,
-            peer=self.peer,
-            error=failure.getErrorMessage() or repr(failure.value),
+        # Redis trouble fails every device's publishes at once: a few lines a minute for the
+        # whole fleet (by cause, not by device), then one saying how many were suppressed;
+        # teltonika_publish_failures_total counts every one
+        logged, suppressed = self.factory.log_limit.allow(
+            ("publish_failed", type(failure.value).__name__)
         )
+        if logged:
+            log.error(
+                "publish failed for {imei} ({peer}); not ACKed, closing so the device resends: "
+                "{error}{suppressed_note}",
+                imei=self.imei,
+                peer=self.peer,
+                error=failure.getErrorMessage() or repr(failure.value),
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
         self._run(self._session().publish_failed(failure.getErrorMessage()))
 
     def _dead_letter(self, action: DeadLetter) -> None:
@@ -585,7 +595,13 @@ class TeltonikaProtocol(Protocol):
         else:
             # one device or source address failing the same way over and over (a flood)
             # writes a few lines a minute, then one that says how many were suppressed
-            logged, suppressed = factory.log_limit.allow(("close", reason, self._log_key()))
+            # (publish_failed is Redis' doing, not the device's: counted for the fleet)
+            key = (
+                ("close", reason)
+                if reason == "publish_failed"
+                else ("close", reason, self._log_key())
+            )
+            logged, suppressed = factory.log_limit.allow(key)
             if logged:
                 log.warn(
                     "closing connection of {imei} ({peer}): {reason} {detail}{suppressed_note}",
