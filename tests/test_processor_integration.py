@@ -18,7 +18,9 @@ import pytest
 import pytest_twisted
 
 from teltonika_ingest.codec import decode_avl_frame, record_payload
+from teltonika_ingest.config import ProcessorConfig
 from teltonika_ingest.processor import migrate
+from teltonika_ingest.processor.tap import ProcessorService
 
 from device import wait_for
 from pgproc import PgProcess
@@ -35,6 +37,7 @@ from procsupport import (
     fields,
     payload,
     pending,
+    processor_args,
     query,
     start_processor,
 )
@@ -468,3 +471,42 @@ async def test_redis_lost_between_commit_and_xack_gives_duplicates_not_losses(
         assert running.sample("processor_redis_up") == 1
     finally:
         await running.svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_down_at_start_waits_then_migrates_and_writes(
+    redis_session: RedisProcess, pg_server: PgProcess, pg_url: str, tmp_path: Path
+) -> None:
+    config = ProcessorConfig.from_args(
+        processor_args(redis_session, pg_url, "--write-retry-max", "0.5"),
+        environ={},
+        cwd=tmp_path,
+    )
+    add_many(redis_session, 10)
+    pg_server.stop()
+    svc = ProcessorService(config)
+    svc.startService()
+    try:
+        try:
+
+            def waiting_for_postgres() -> Any:
+                return svc.readiness().addCallback(
+                    lambda r: r is not None and r.startswith("starting: postgres:")
+                )
+
+            await wait_for(waiting_for_postgres, timeout=10)
+            assert not svc.migrated.called and count_rows_or_none(pg_url) is None
+        finally:
+            pg_server.start()
+        await wait_for(lambda: svc.migrated.called, timeout=15)
+        await wait_for(lambda: count_rows(pg_url) == 10, timeout=10)
+        await wait_for(lambda: pending(redis_session) == 0)
+    finally:
+        await svc.stopService()
+
+
+def count_rows_or_none(url: str) -> int | None:
+    try:
+        return count_rows(url)
+    except psycopg.Error:
+        return None
