@@ -159,3 +159,36 @@ def test_publish_failures_of_a_fleet_are_a_few_lines_a_minute() -> None:
     assert len(errors) == burst + 1 and len(closes) == burst + 1, (errors, closes)
     assert errors[-1].endswith(f"({20 - burst} similar lines suppressed)")
     assert h.sample("teltonika_disconnects_total", reason="publish_failed") == 21
+
+
+def test_registry_failures_of_a_fleet_are_a_few_lines_a_minute() -> None:
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from teltonika_ingest.server.budget import WINDOW_S
+
+    seen: list[Any] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        m = Metrics()
+        clock = task.Clock()
+        reg = Registry(
+            FailingRedis(RedisUnavailable("reconnecting"), True),  # type: ignore[arg-type]
+            instance_id="i",
+            metrics=m,
+            clock=clock,
+        )
+        for i in range(20):
+            reg.register(f"35630704{i:07d}")
+        clock.advance(WINDOW_S + 1)
+        reg.register("356307049999999")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [
+        formatEvent(e)
+        for e in seen
+        if e.get("log_level") is LogLevel.warn and "registry register failed" in formatEvent(e)
+    ]
+    burst = reg.log_limit.burst
+    assert len(lines) == burst + 1, lines
+    assert lines[-1].endswith(f"({20 - burst} similar lines suppressed)")
+    assert m.registry.get_sample_value("teltonika_registry_failures_total") == 21

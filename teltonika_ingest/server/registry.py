@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from teltonika_ingest.redis.client import RedisClient, RedisUnavailable, Script
+from teltonika_ingest.server.budget import RepeatLimiter, suppressed_note
 from teltonika_ingest.server.metrics import Metrics
 
 log = Logger()
@@ -93,6 +94,8 @@ class Registry(Service):
         self._pending: set[defer.Deferred[Any]] = set()
         #: per IMEI, fires when its last registry write has been answered
         self._tails: dict[str, defer.Deferred[None]] = {}
+        #: failed writes are Redis' doing: a few lines a minute for all devices, not one each
+        self.log_limit = RepeatLimiter(clock)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,12 +241,16 @@ class Registry(Service):
         if self._before_first_connection(f"registry {what} for {imei}", failure):
             return
         self.metrics.registry_failures.inc()
-        log.warn(
-            "registry {what} failed for {imei}: {error}",
-            what=what,
-            imei=imei,
-            error=failure.getErrorMessage(),
-        )
+        logged, suppressed = self.log_limit.allow(("registry", what, type(failure.value).__name__))
+        if logged:
+            log.warn(
+                "registry {what} failed for {imei}: {error}{suppressed_note}",
+                what=what,
+                imei=imei,
+                error=failure.getErrorMessage(),
+                suppressed=suppressed,
+                suppressed_note=suppressed_note(suppressed),
+            )
 
     # ------------------------------------------------------------------ heartbeat
 
