@@ -363,7 +363,7 @@ async def test_pings_and_a_client_that_never_pongs_is_dropped(
     redis_session: RedisProcess, tmp_path: Path
 ) -> None:
     running = await start_live(
-        redis_session, tmp_path, tokens=TOKENS, ping_interval=0.3, ping_timeout=1.0
+        redis_session, tmp_path, tokens=TOKENS, ping_interval=0.3, ping_timeout=2.0
     )
     try:
         alive = await running.connect("t-all")
