@@ -62,7 +62,8 @@ class ProcessorMetrics:
         self.commit_delay = Histogram(
             "processor_commit_delay_seconds",
             "Seconds from the ingest receiving a packet (its records' received_at) to the "
-            "COMMIT of their rows, one observation per packet: an upper bound of "
+            "COMMIT of their rows, one observation per run of consecutive rows with the same "
+            "received_at (a packet, or packets of the same millisecond): an upper bound of "
             "ACK-to-visible, clock skew between hosts included.",
             buckets=_DELAY_BUCKETS,
             registry=registry,
