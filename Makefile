@@ -34,8 +34,9 @@ run: $(STAMP)
 	mkdir -p var
 	test -s var/live-tokens || { umask 077; echo "dev-$$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n') *" > var/live-tokens; }
 	@echo "live page: http://127.0.0.1:9091/?token=$$(cut -d' ' -f1 var/live-tokens)"
-	$(BIN)/python -c "$$SIGINT_DEFAULT" $(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
-	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(LIVE_ARGS) $(PROCESSOR_ARGS) & processor=$$!; \
+	{ test -n "$${REDIS_URL:-}" || for i in $$(seq 300); do test -S var/redis.sock && break; sleep 0.1; done; \
+	  exec $(BIN)/python -c "$$SIGINT_DEFAULT" $(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
+	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(LIVE_ARGS) $(PROCESSOR_ARGS); } & processor=$$!; \
 	trap 'kill -TERM $$processor 2>/dev/null; wait $$processor' EXIT; \
 	$(BIN)/twistd -n --pidfile=var/ingest.pid teltonika-ingest $(ARGS)
 

@@ -235,9 +235,15 @@ def is_noise(event: LogEvent) -> bool:
         return False
     if event.get("log_namespace") in _NOISY_NAMESPACES:
         return True
-    if not _is_legacy(event) or event.get("isError"):
+    if event.get("isError") or not (_is_legacy(event) or _is_twisted(event)):
         return False
     return bool(_NOISE.fullmatch(formatEvent(event)))
+
+
+def _is_twisted(event: LogEvent) -> bool:
+    """A new-style event of Twisted's own (``Factory.doStart`` logs "Starting factory" in
+    the namespace of the factory's class, e.g. ``twisted.internet.protocol.Factory``)."""
+    return str(event.get("log_namespace", "")).startswith("twisted.")
 
 
 @implementer(ILogObserver)
