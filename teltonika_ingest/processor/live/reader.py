@@ -26,7 +26,7 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from teltonika_ingest.redis.client import RedisClient, RedisReplyError
+from teltonika_ingest.redis.client import RedisClient, RedisReplyError, RedisUnavailable
 
 from .messages import Position, position_from_row
 from .metrics import LiveMetrics
@@ -101,8 +101,14 @@ class BroadcastReader(Service):
                 if not self.running:
                     return
                 self._metrics.reads.labels("error").inc()
-                if not self._failing:
-                    log.warn("live broadcast reader: {error}; retrying", error=repr(e))
+                if isinstance(e, RedisUnavailable) and not self._redis.ever_connected:
+                    # still starting (the client itself warns if Redis stays unreachable)
+                    log.debug("live broadcast reader: Redis not connected yet; retrying")
+                elif not self._failing:
+                    log.warn(
+                        "live broadcast reader: {error}; retrying",
+                        error=str(e) or type(e).__name__,
+                    )
                     self._failing = True
                 yield task.deferLater(self._reactor, self.retry_delay, lambda: None)
                 continue
