@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import gcwatch
 from bench.e2e import (
     PYTHON,
     _stop,
@@ -285,7 +286,9 @@ def feed_target(
     with contextlib.ExitStack() as stack:
         if args.target == "processor":
             database = stack.enter_context(postgres(workdir))
-            argv = [str(BIN / "twistd"), "-n", "--pidfile=", "teltonika-processor",
+            # bench.gcwatch: twistd with every collection timed (the processor has no GC metric)
+            argv = [PYTHON, "-m", "bench.gcwatch", str(workdir / "gc.json"),
+                    "-n", "--pidfile=", "teltonika-processor",
                     "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--database-url", database,
                     "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
                     "--live", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
@@ -348,6 +351,7 @@ def phase(args: argparse.Namespace, target: dict[str, Any], clients: int) -> dic
     seconds = t1 - t0
     result: dict[str, Any] = {
         "clients": clients,
+        "window": [t0, t1],  # monotonic: GC pauses of the processor cut to this window
         "durable_rows_per_s": round(_rate(m0, m1, WRITES, seconds), 1),
         "consumer_lag_end": m1.get("processor_consumer_lag"),
         "feed_cpu_percent": round(100 * (cpu1 - cpu0) / seconds, 1),
@@ -402,6 +406,11 @@ def run(args: argparse.Namespace) -> int:
                     phases.append(phase(args, target, 0))
                 finally:
                     _stop(feeder)
+            gc_file = workdir / "gc.json"
+            if gc_file.exists():  # written by the processor every second and at exit
+                events = gcwatch.read(gc_file)
+                for row in phases:
+                    row["gc"] = gcwatch.window(events, *row["window"])
             run_result = {"run": n + 1, "phases": phases}
             print(json.dumps(run_result), flush=True)
             results.append(run_result)

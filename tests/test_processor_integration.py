@@ -510,3 +510,49 @@ def count_rows_or_none(url: str) -> int | None:
         return count_rows(url)
     except psycopg.Error:
         return None
+
+
+def test_tune_garbage_collector_sets_thresholds_and_freezes() -> None:
+    import gc
+
+    from teltonika_ingest.processor.tap import tune_garbage_collector
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(701, 11, 12)
+    gc.unfreeze()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == (50_000, 20, 100)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_collector_tuned_by_the_real_start_only(
+    redis_session: RedisProcess,
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The real twistd start (makeService) tunes the collector, as the ingest's does; a
+    service built in a test leaves the process's collector alone."""
+    from teltonika_ingest.processor import tap
+
+    calls: list[str] = []
+    monkeypatch.setattr(tap, "tune_garbage_collector", lambda: calls.append("tuned"))
+    config = ProcessorConfig.from_args(
+        processor_args(redis_session, pg_url), environ={}, cwd=tmp_path
+    )
+    in_test = ProcessorService(config)
+    in_test.startService()
+    await in_test.stopService()
+    assert calls == []
+    real = tap.makeService({"config": config})
+    assert isinstance(real, ProcessorService) and real.process_wide
+    real.startService()
+    try:
+        assert calls == ["tuned"]
+    finally:
+        await real.stopService()
