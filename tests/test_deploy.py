@@ -27,7 +27,7 @@ from twisted.python.systemd import ListenFDs
 
 from teltonika_ingest.codec import encode_imei
 from teltonika_ingest.config import Config
-from teltonika_ingest.server.startup import StartupError
+from teltonika_ingest.ops.startup import StartupError
 from teltonika_ingest.server.tap import IngestService
 
 from device import connect_device

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from teltonika_ingest.codec import AvlPacket
-from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
+from teltonika_ingest.ops.loophealth import GcPauseMonitor, ReactorLagMonitor
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.publisher import Publisher
 

@@ -20,7 +20,7 @@ import pytest
 from test_startup import TWISTD, clean_env
 from twisted.internet import defer, task
 
-from teltonika_ingest.server.sdnotify import SystemdNotifier, notify_address, watchdog_interval
+from teltonika_ingest.ops.sdnotify import SystemdNotifier, notify_address, watchdog_interval
 
 from redisproc import RedisProcess, free_port
 

@@ -282,7 +282,7 @@ def test_workers_need_a_tcp_listener_and_a_redis_url(
             ["--workers", "2", "--listen", "unix:/tmp/x.sock"], environ={}, cwd=tmp_path
         )
     config = Config.from_args(["--workers", "2"], environ={}, cwd=tmp_path)
-    # a start-up problem: one line (what, why, fix) and exit status 1 (server/startup.py)
+    # a start-up problem: one line (what, why, fix) and exit status 1 (ops/startup.py)
     with pytest.raises(SystemExit) as exited:
         makeService({"config": config})
     assert exited.value.code == 1

@@ -24,24 +24,25 @@ from teltonika_ingest import logsetup
 from teltonika_ingest.buildinfo import version_line
 from teltonika_ingest.codec.accel import compiled_path_status
 from teltonika_ingest.config import Config, with_backlog
+from teltonika_ingest.ops import startup
+from teltonika_ingest.ops.http import operations_site
+from teltonika_ingest.ops.loophealth import GcPauseMonitor, ReactorLagMonitor
+from teltonika_ingest.ops.sdnotify import SystemdNotifier
+from teltonika_ingest.ops.startup import StartupError
 from teltonika_ingest.redis.client import RedisClient
 from teltonika_ingest.redis.embedded import EmbeddedRedisError
-from teltonika_ingest.server import startup
 from teltonika_ingest.server.authority import build_authority, install_sighup
 from teltonika_ingest.server.budget import WINDOW_S, RepeatLimiter
 from teltonika_ingest.server.commands.delivery import QueuedCommands, QueueSettings
 from teltonika_ingest.server.commands.queue import MAX_TTL_S
 from teltonika_ingest.server.commands.router import CommandRouter
-from teltonika_ingest.server.http import operations_site
-from teltonika_ingest.server.loophealth import GcPauseMonitor, ReactorLagMonitor
+from teltonika_ingest.server.endpoints import endpoint_error
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.models import DeviceModels
 from teltonika_ingest.server.protocol import SessionSettings, TeltonikaFactory
 from teltonika_ingest.server.publisher import Publisher
 from teltonika_ingest.server.readiness import RedisWriteProbe
 from teltonika_ingest.server.registry import Registry
-from teltonika_ingest.server.sdnotify import SystemdNotifier
-from teltonika_ingest.server.startup import StartupError
 from teltonika_ingest.server.udp import UdpListener
 from teltonika_ingest.server.worker import (
     AdoptedSockets,
@@ -82,7 +83,7 @@ def _server_endpoint(reactor: Any, description: str, option: str, shown: str = "
     try:
         return endpoints.serverFromString(reactor, description)
     except Exception as e:
-        raise startup.endpoint_error(e, shown or description, option) from e
+        raise endpoint_error(e, shown or description, option) from e
 
 
 def _with_timeout(

@@ -42,7 +42,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 
 from teltonika_ingest.config import Config, _split_endpoint, with_backlog
-from teltonika_ingest.server.http import Healthz, Readyz
+from teltonika_ingest.ops.http import Healthz, Readyz
 from teltonika_ingest.server.worker import WorkerSpec
 
 log = Logger()
@@ -171,7 +171,7 @@ class WorkerSupervisor(service.Service):
         self._pool._factory = _QuietClientFactory
         # systemd notify from the supervisor (the unit's main process); read and removed from
         # the environment here, before any worker is spawned, so workers never notify
-        from teltonika_ingest.server.sdnotify import SystemdNotifier
+        from teltonika_ingest.ops.sdnotify import SystemdNotifier
 
         self.notifier = SystemdNotifier.from_environment(
             clock=reactor, ready_check=self.readiness, status=self.status_line

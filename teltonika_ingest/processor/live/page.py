@@ -18,6 +18,8 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from teltonika_ingest.ops.http import quiet_site
+
 __all__ = ["PageResource", "live_site", "page_html"]
 
 
@@ -60,16 +62,8 @@ class PageResource(Resource):
         return self._html
 
 
-class _QuietSite(server.Site):
-    def log(self, request: Any) -> None:
-        pass  # WebSocket upgrades and page loads would flood the log
-
-
 def live_site(feed_factory: Any) -> server.Site:
     root = Resource()
     root.putChild(b"", PageResource())
     root.putChild(b"ws", WebSocketResource(feed_factory))
-    site = _QuietSite(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return quiet_site(root)  # no access log: upgrades and page loads would flood it

@@ -1,8 +1,11 @@
 """Start-up failures as one line: what failed, why, and what to do; then exit status 1.
 
-OPERATIONS.md ("What is fatal") promises one line, not a traceback, for every start-up
-problem an operator can cause: a bad option, a port in use, no ``redis-server`` for the
-embedded default, ``systemd:`` without an inherited socket, an unreadable file, a bad TLS key.
+Shared by both services (the ingest, ``server/``, and the processor, ``processor/``).
+OPERATIONS.md ("What is fatal", for each service) promises one line, not a traceback, for
+every start-up problem an operator can cause: a bad option, a port in use, no
+``redis-server`` / PostgreSQL for the embedded default, an unreadable file, a bad TLS key.
+The explanations that only one service needs live with it (``server/endpoints.py``,
+``processor/startup.py``); :func:`cannot_listen` is common.
 
 Where each is caught (twistd's order: parse options, ``makeService``, start logging,
 ``privilegedStartService``, run the reactor, ``startService``):
@@ -12,7 +15,7 @@ Where each is caught (twistd's order: parse options, ``makeService``, start logg
 * ``makeService``: the service is built inside :func:`building`, which turns a
   :class:`StartupError` into one event sent straight to the service's own log observer (twistd
   has not started logging yet, and never will: we exit);
-* binding the ports (``privilegedStartService``) and starting the embedded Redis
+* binding the ports (``privilegedStartService``) and starting the embedded servers
   (``startService``): :func:`fatal` logs the event through ``twisted.logger``.
 
 Each JSON event has the fields ``what``, ``why`` and ``fix``; text lines read
@@ -38,14 +41,12 @@ __all__ = [
     "StartupError",
     "building",
     "cannot_listen",
-    "endpoint_error",
     "fatal",
     "option_error",
 ]
 
 NAMESPACE = "teltonika_ingest.startup"
 FORMAT = "start-up failed: {what}: {why}; {fix}"
-PROG = "twistd teltonika-ingest"
 
 log = Logger(namespace=NAMESPACE)
 
@@ -76,46 +77,6 @@ def cannot_listen(exc: CannotListenError, what: str, option: str) -> StartupErro
         why,
         f"another process holds the port (ss -ltnp 'sport = :{port}' shows which): stop it "
         f"or choose another port with {option}",
-    )
-
-
-def endpoint_error(exc: Exception, description: str, option: str) -> StartupError:
-    """Why a server endpoint string could not be turned into an endpoint (``systemd:``
-    without an inherited socket, ``ssl:`` with a bad key or certificate, a typo)."""
-    kind = description.split(":", 1)[0].strip().lower()
-    shown = f"{option} {description}"
-    if kind == "systemd" and isinstance(exc, IndexError | KeyError | ValueError):
-        count = os.environ.get("LISTEN_FDS")
-        why = (
-            "no inherited socket: this process was not started by systemd socket activation "
-            "(LISTEN_FDS is not set)"
-            if not count
-            else f"no such inherited socket (systemd passed {count}: {exc})"
-        )
-        return StartupError(
-            shown,
-            why,
-            "start it through its socket unit (systemctl start teltonika-ingest.socket "
-            "teltonika-ingest.service), or use --listen tcp:5027 when running it by hand",
-        )
-    if kind == "ssl":
-        if isinstance(exc, OSError):
-            why = f"cannot read the key or certificate: {exc.strerror or exc}" + (
-                f" ({exc.filename})" if exc.filename else ""
-            )
-        else:
-            detail = str(exc) or type(exc).__name__
-            why = f"the TLS key or certificate is not valid PEM or they do not match ({detail})"
-        return StartupError(
-            shown,
-            why,
-            "point privateKey= at the PEM private key and certKey= at its PEM certificate "
-            "(openssl x509 -noout -in CERT; openssl pkey -noout -in KEY)",
-        )
-    return StartupError(
-        shown,
-        f"{type(exc).__name__}: {exc}",
-        "check the endpoint string (OPERATIONS.md, TLS and PROXY protocol)",
     )
 
 
@@ -180,17 +141,19 @@ def option_error(
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
     out: IO[str] | None = None,
+    *,
+    prog: str = "twistd teltonika-ingest",
 ) -> NoReturn:
     """A bad option: one line on stderr ending with "see --help" (not the whole help), exit 1."""
     argv = sys.argv if argv is None else argv
     environ = os.environ if environ is None else environ
     out = sys.stderr if out is None else out
     problem = " ".join(problem.split())
-    hint = f"see {PROG} --help"
+    hint = f"see {prog} --help"
     if _wants_json(argv, environ):
         failure = StartupError("options", problem, hint)
         out.write(logsetup.event_as_json(_event(failure)))
     else:
-        out.write(f"{PROG}: {problem} ({hint})\n")
+        out.write(f"{prog}: {problem} ({hint})\n")
     out.flush()
     raise SystemExit(1)

@@ -1,4 +1,6 @@
-"""HTTP operations listener: /metrics, /healthz, /readyz (contract.md §5)."""
+"""The operations HTTP resources both services serve: /metrics, /healthz, /readyz
+(contract.md §5). ``/readyz`` answers what a check says (each service's check reads a
+cached answer: probes never reach Redis or PostgreSQL themselves)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ class Healthz(Resource):
 
 
 class Readyz(Resource):
-    """200 when the device listener is up and Redis answers; 503 + JSON reason otherwise.
+    """200 when ``check`` says ready; 503 + JSON reason otherwise.
 
     ``check`` returns a Deferred firing with None (ready) or a short reason string.
     """
@@ -65,6 +67,11 @@ def operations_site(
     root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(ready_check))
+    return quiet_site(root)
+
+
+def quiet_site(root: Resource) -> server.Site:
+    """A ``Site`` with no access log, no tracebacks in answers, no start/stop lines."""
     site = _QuietSite(root)
     site.displayTracebacks = False
     site.noisy = False
