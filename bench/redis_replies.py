@@ -38,7 +38,7 @@ def reply(entries: int) -> bytes:
         fields = ["imei", device, "codec", "8E", "ts", format_timestamp(record.timestamp_ms),
                   "payload", record_payload(record, device, "8E", received)]  # fmt: skip
         parts.append(b"*2\r\n" + _bulk(f"1764600000000-{i}".encode()) + b"*8\r\n")
-        parts += [_bulk(f.encode()) for f in fields]
+        parts += [_bulk(f if isinstance(f, bytes) else f.encode()) for f in fields]
     return b"".join(parts)
 
 
