@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.python import usage
 
 from teltonika_ingest.processor.live import LiveService
 from teltonika_ingest.processor.live.access import Access
@@ -240,15 +239,16 @@ def test_bad_token_file_or_hook_is_a_start_up_error(
     redis_session: RedisProcess, pg_url: str, tmp_path: Path
 ) -> None:
     from teltonika_ingest.config import ProcessorConfig
+    from teltonika_ingest.ops.startup import StartupError
     from teltonika_ingest.processor.tap import ProcessorService
 
     bad = tmp_path / "tokens"
     bad.write_text(f"ok {IMEI}\nbroken 12345\n")
     args = ["--live", "tcp:0", "--live-tokens", str(bad)]
     config = ProcessorConfig.from_args(processor_args(redis_session, pg_url, *args), environ={})
-    with pytest.raises(usage.UsageError, match=r"--live-tokens: .* line 2: not an IMEI"):
+    with pytest.raises(StartupError, match=r"--live-tokens .*: .* line 2: not an IMEI"):
         ProcessorService(config)
     args = ["--live", "tcp:0", "--live-auth-hook", "no_such_module_here:Hook"]
     config = ProcessorConfig.from_args(processor_args(redis_session, pg_url, *args), environ={})
-    with pytest.raises(usage.UsageError, match="--live-auth-hook: ModuleNotFoundError"):
+    with pytest.raises(StartupError, match=r"--live-auth-hook .*: cannot load the hook: Mod"):
         ProcessorService(config)

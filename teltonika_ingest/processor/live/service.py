@@ -24,7 +24,9 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from teltonika_ingest.redis.client import RedisClient, RedisTargetLike
 
@@ -97,6 +99,7 @@ class LiveService(MultiService):
         self.port: Any = None
         self.listening: Deferred[Any] = Deferred()
         self._uninstall_sighup: Callable[[], None] = lambda: None
+        self._listen_started = False
 
     # -- start / stop -------------------------------------------------------------
 
@@ -109,7 +112,31 @@ class LiveService(MultiService):
             log.warn("live feed: no --live-tokens and no hook: every client will be refused")
         super().startService()
         self._uninstall_sighup = _install_sighup(self._reactor, self.reload_tokens)
+        self._listen()
+
+    def privilegedStartService(self) -> None:
+        """twistd binds the ports here, before the reactor runs: a port that cannot be
+        bound at once (in use) raises ``CannotListenError`` (the processor makes it one
+        start-up line and exit 1) instead of a critical line later."""
+        super().privilegedStartService()
+        self._listen(raise_now=True)
+
+    def _listen(self, *, raise_now: bool = False) -> None:
+        if self._listen_started:
+            return
+        self._listen_started = True
         d = serverFromString(self._reactor, self.settings.endpoint).listen(self.site)
+        if raise_now:
+            done: list[Any] = []
+
+            def seen(result: Any) -> Any:
+                done.append(result)  # now, if the listen already finished
+                return result
+
+            d.addBoth(seen)
+            if done and isinstance(done[0], Failure) and done[0].check(CannotListenError):
+                d.addErrback(lambda _: None)  # raised below, to the processor's start-up
+                done[0].raiseException()
         d.addCallbacks(self._listened, self._listen_failed)
 
     def _listened(self, port: Any) -> None:
@@ -132,6 +159,7 @@ class LiveService(MultiService):
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
+        self._listen_started = False
         n = len(self.factory.clients)
         if n:
             log.info("live feed: closing {n} clients (going away)", n=n)

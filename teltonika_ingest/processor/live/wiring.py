@@ -15,8 +15,8 @@ from typing import Any
 from psycopg.rows import dict_row
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.python import usage
 
+from teltonika_ingest.ops.startup import StartupError
 from teltonika_ingest.processor.decode import decode_entry
 from teltonika_ingest.processor.pg import PgWorker
 
@@ -69,16 +69,37 @@ class LastPositions(Service):
         return self._worker.stop()
 
 
+_TOKENS_FIX = (
+    "fix the file (UTF-8, one 'TOKEN IMEI[,IMEI...]' or 'TOKEN *' a line, readable by the "
+    "service user) or point --live-tokens at another"
+)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(e, OSError):
+        return f"cannot read it: {e.strerror or e}"
+    return str(e)
+
+
 def make_live_service(processor: Any) -> LiveService:
     """The live feed of a ``ProcessorService`` (its ``config.live`` is set). A token file
-    with a bad line, or a hook that cannot be imported, is a one-line ``UsageError``."""
+    that cannot be read or has a bad line, or a hook that cannot be imported, is a
+    ``StartupError`` (one line at start-up: ``ops/startup.py``)."""
     config = processor.config
     hook = None
     if config.live_auth_hook:
         try:
             hook = load_hook(config.live_auth_hook)
         except Exception as e:
-            raise usage.UsageError(f"--live-auth-hook: {e!r}") from None
+            raise StartupError(
+                f"--live-auth-hook {config.live_auth_hook}",
+                f"cannot load the hook: {type(e).__name__}: {e}",
+                "name an importable package.module:attribute whose object has "
+                "authorize(token, info) (on the processor's sys.path), or remove "
+                "--live-auth-hook",
+            ) from None
     snapshot = LastPositions(processor.conninfo, reactor=processor.reactor)
     svc = LiveService(
         LiveSettings(
@@ -97,6 +118,8 @@ def make_live_service(processor: Any) -> LiveService:
         try:
             svc.tokens.load()  # again at start (and on SIGHUP); here for a clear start-up error
         except (OSError, UnicodeDecodeError, TokenFileError) as e:
-            raise usage.UsageError(f"--live-tokens: {e}") from None
+            raise StartupError(
+                f"--live-tokens {config.live_tokens}", _why(e), _TOKENS_FIX
+            ) from None
     snapshot.setServiceParent(svc)
     return svc
