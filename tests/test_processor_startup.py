@@ -5,13 +5,13 @@ fails before anything connects, so each run lasts a second or two."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_startup import BIN, FORMATS, TWISTD, clean_env, occupied, the_line
+from test_startup import option_line as any_option_line
 
 __all__ = ["occupied"]  # the fixture, used by name
 
@@ -153,15 +153,7 @@ def test_no_redis_server_for_the_embedded_default(tmp_path: Path) -> None:
 
 
 def option_line(lines: list[str], fmt: str) -> str:
-    assert len(lines) == 1, lines  # not the whole help
-    if fmt == "json":
-        event = json.loads(lines[0])
-        assert event["level"] == "critical" and event["what"] == "options"
-        assert event["fix"] == f"see {PROG} --help"
-        return str(event["why"])
-    prefix, suffix = f"{PROG}: ", f" (see {PROG} --help)"
-    assert lines[0].startswith(prefix) and lines[0].endswith(suffix), lines
-    return lines[0].removeprefix(prefix).removesuffix(suffix)
+    return any_option_line(lines, fmt, prog=PROG)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

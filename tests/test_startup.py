@@ -192,14 +192,14 @@ def test_allow_list_not_readable_text(tmp_path: Path, fmt: str) -> None:
     assert line["why"] == "not UTF-8 text"
 
 
-def option_line(lines: list[str], fmt: str) -> str:
+def option_line(lines: list[str], fmt: str, prog: str = "twistd teltonika-ingest") -> str:
     assert len(lines) == 1, lines  # not the whole help
     if fmt == "json":
         event = json.loads(lines[0])
         assert event["level"] == "critical" and event["what"] == "options"
-        assert event["fix"] == "see twistd teltonika-ingest --help"
+        assert event["fix"] == f"see {prog} --help"
         return str(event["why"])
-    prefix, suffix = "twistd teltonika-ingest: ", " (see twistd teltonika-ingest --help)"
+    prefix, suffix = f"{prog}: ", f" (see {prog} --help)"
     assert lines[0].startswith(prefix) and lines[0].endswith(suffix), lines
     return lines[0].removeprefix(prefix).removesuffix(suffix)
 

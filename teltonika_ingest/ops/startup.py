@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import IO, Any, NoReturn
 
+from twisted.application import service
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger, LogLevel
 
@@ -38,6 +39,7 @@ from teltonika_ingest import logsetup
 
 __all__ = [
     "NAMESPACE",
+    "BindsFirst",
     "StartupError",
     "building",
     "cannot_listen",
@@ -78,6 +80,38 @@ def cannot_listen(exc: CannotListenError, what: str, option: str) -> StartupErro
         f"another process holds the port (ss -ltnp 'sport = :{port}' shows which): stop it "
         f"or choose another port with {option}",
     )
+
+
+# --------------------------------------------------------------------------- the service side
+
+
+class BindsFirst(service.MultiService):
+    """A service tree whose listeners (children named in :attr:`listeners`) bind in
+    ``privilegedStartService``, before the reactor runs and before anything else starts: a
+    port that cannot be bound is one line and exit 1 (a traceback otherwise).
+
+    ``makeService`` (twistd) sets :attr:`exit_on_startup_failure`; without it (a service
+    built in-process, the tests) :meth:`startup_failed` raises the ``StartupError``."""
+
+    #: child service name -> (what it is, the option that sets its endpoint)
+    listeners: Mapping[str, tuple[str, str]] = {}
+    exit_on_startup_failure = False
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:
+                what, option = self.listeners.get(child.name or "", ("listener", "its option"))
+                self.startup_failed(cannot_listen(e, what, option))
+
+    def startup_failed(self, failure: StartupError, *, in_reactor: bool = False) -> None:
+        if not self.exit_on_startup_failure:
+            raise failure
+        # in the reactor (startService runs in a start-up trigger, which would log and
+        # swallow the exception) nothing else has started yet: leave at once
+        fatal(failure, exit_now=os._exit if in_reactor else None)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -21,7 +21,6 @@ import psycopg
 from twisted.application import internet, service
 from twisted.application.service import IService
 from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
@@ -76,7 +75,9 @@ def _select_one(conn: psycopg.Connection[Any]) -> None:
     conn.commit()
 
 
-class ProcessorService(service.MultiService):
+class ProcessorService(startup.BindsFirst):
+    listeners = explain.LISTENERS
+
     def __init__(
         self,
         config: ProcessorConfig,
@@ -98,9 +99,6 @@ class ProcessorService(service.MultiService):
         self.log_observer = log_observer
         self.metrics = ProcessorMetrics()
         self.exit_code: int | None = None
-        #: makeService (twistd) sets it: a start-up failure is one line and exit 1 instead
-        #: of raising (in-process users, the tests, get the StartupError)
-        self.exit_on_startup_failure = False
         self._stopping = False
         self._stop_counting_errors: Callable[[], None] | None = None
         self._pg_checked_at: float | None = None
@@ -201,24 +199,6 @@ class ProcessorService(service.MultiService):
         super().setServiceParent(parent)
         if self.log_observer is not None:
             logsetup.offer_to_application(parent, self.log_observer)
-
-    def privilegedStartService(self) -> None:
-        """twistd binds the ports here (--metrics, --live), before the reactor runs and
-        before any embedded server starts: a port in use is one line and exit 1."""
-        service.Service.privilegedStartService(self)
-        for child in self:
-            try:
-                child.privilegedStartService()
-            except CannotListenError as e:
-                what, option = explain.LISTENERS.get(child.name or "", ("listener", "its option"))
-                self._startup_failed(startup.cannot_listen(e, what, option))
-
-    def _startup_failed(self, failure: StartupError, *, in_reactor: bool = False) -> None:
-        if not self.exit_on_startup_failure:
-            raise failure
-        # in the reactor (startService runs in a start-up trigger, which would log and
-        # swallow the exception) nothing else has started yet: leave at once
-        startup.fatal(failure, exit_now=os._exit if in_reactor else None)
 
     def startService(self) -> None:
         self._stop_counting_errors = logsetup.count_unhandled_errors(self.metrics.unhandled_errors)

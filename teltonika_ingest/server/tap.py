@@ -14,7 +14,6 @@ from typing import Any
 from twisted.application import internet, service
 from twisted.application.service import IService
 from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -108,7 +107,7 @@ def _with_timeout(
     return result
 
 
-class IngestService(service.MultiService):
+class IngestService(startup.BindsFirst):
     """The whole process: every long-lived part is a child of this service.
 
     ``process_wide``: this service owns the process (the real ``twistd`` start, through
@@ -117,6 +116,8 @@ class IngestService(service.MultiService):
     default, for a service built inside another program such as the test suite), none of
     that happens: an overrun is logged and recorded in ``exit_code`` only.
     """
+
+    listeners = _LISTENERS
 
     def __init__(
         self,
@@ -137,9 +138,6 @@ class IngestService(service.MultiService):
         self.reactor = reactor
         self.metrics = Metrics()
         self.exit_code: int | None = None
-        # Set by makeService (twistd): a start-up failure logs one line and exits 1 instead
-        # of raising (in-process users, the tests, get the StartupError).
-        self.exit_on_startup_failure = False
         # twistd's log observer (logsetup.twistd_observer), handed to the Application
         self.log_observer = log_observer
         self._stop_counting_errors: Callable[[], None] | None = None
@@ -377,24 +375,6 @@ class IngestService(service.MultiService):
         else:
             log.info("SIGHUP: no allow list configured, nothing to reload")
 
-    def privilegedStartService(self) -> None:
-        """twistd binds the ports here, before the reactor runs: a port that cannot be
-        bound is one line and exit 1 (a traceback otherwise)."""
-        service.Service.privilegedStartService(self)
-        for child in self:
-            try:
-                child.privilegedStartService()
-            except CannotListenError as e:
-                what, option = _LISTENERS.get(child.name or "", ("listener", "its option"))
-                self._startup_failed(startup.cannot_listen(e, what, option))
-
-    def _startup_failed(self, failure: StartupError, *, in_reactor: bool = False) -> None:
-        if not self.exit_on_startup_failure:
-            raise failure
-        # in the reactor (startService runs in a start-up trigger, which would log and
-        # swallow the exception) nothing else has started yet: leave at once
-        startup.fatal(failure, exit_now=os._exit if in_reactor else None)
-
     def startService(self) -> None:
         self._stop_counting_errors = logsetup.count_unhandled_errors(self.metrics.unhandled_errors)
         self._uninstall_sighup = install_sighup(self.reactor, self.reload)
@@ -416,7 +396,7 @@ class IngestService(service.MultiService):
         try:
             super().startService()
         except EmbeddedRedisError as e:
-            self._startup_failed(
+            self.startup_failed(
                 StartupError(
                     "cannot start the embedded development Redis",
                     str(e),
