@@ -138,7 +138,11 @@ def test_sigterm_during_load_writes_and_acknowledges_the_batch_in_flight(
         wait(lambda: pending_of(redis_session, "a") > 0, 20, "a batch in flight")
         in_flight = pending_of(redis_session, "a")
         a.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # the signal is handled while the write is blocked on the lock
+        log_file = tmp_path / "a.log"
+        # the signal is handled while the write is blocked on the lock: the drain has begun
+        # and waits for the batch in flight
+        wait(lambda: "shutdown: 1/5" in log_file.read_text(), 20, "the drain to begin")
+        assert "shutdown: 2/5" not in log_file.read_text()
         assert a.poll() is None
     finally:
         lock.release()
