@@ -180,3 +180,20 @@ def test_dead_letter_fields_give_back_the_original_entry() -> None:
     letter = {"entry_id": "1-0", "error": "decode: payload is not JSON", "deliveries": "5"}
     letter.update(zip(flat[0::2], flat[1::2], strict=True))
     assert original_fields(letter) == original
+
+
+def test_parsed_timestamps_are_cached_bounded_and_errors_never_are() -> None:
+    from teltonika_ingest.processor import decode
+
+    decode._TIMESTAMPS.clear()
+    first = decode.parse_timestamp("2019-06-10T10:04:46.120Z", "ts")
+    assert first == datetime(2019, 6, 10, 10, 4, 46, 120000, tzinfo=UTC)
+    assert decode.parse_timestamp("2019-06-10T10:04:46.120Z", "ts") is first  # from the cache
+    for _ in range(2):  # a bad one is refused every time, never remembered
+        with pytest.raises(DecodeError, match="not an ISO 8601"):
+            decode.parse_timestamp("2019-06-10 10:04:46", "ts")
+    assert "2019-06-10 10:04:46" not in decode._TIMESTAMPS
+    for ms in range(decode._TIMESTAMPS_MAX + 10):
+        text = format_timestamp(1_560_000_000_000 + ms)
+        assert decode.parse_timestamp(text, "ts") == iso(1_560_000_000_000 + ms)
+    assert len(decode._TIMESTAMPS) <= decode._TIMESTAMPS_MAX

@@ -79,8 +79,26 @@ def _text(value: Any, what: str) -> str:
     raise DecodeError(f"{what} is not text")
 
 
+# timestamp text -> parsed (datetimes are immutable): the records of a packet share their
+# received_at, and a batch repeats times across devices; cleared when full (bounded)
+_TIMESTAMPS: dict[str, datetime] = {}
+_TIMESTAMPS_MAX = 4096
+
+
 def parse_timestamp(value: Any, what: str) -> datetime:
     """ISO 8601 UTC (``2019-06-10T10:04:46.000Z``) -> an aware ``datetime`` in UTC."""
+    if type(value) is str:
+        cached = _TIMESTAMPS.get(value)
+        if cached is not None:
+            return cached
+    parsed = _parse_timestamp(value, what)
+    if len(_TIMESTAMPS) >= _TIMESTAMPS_MAX:
+        _TIMESTAMPS.clear()
+    _TIMESTAMPS[value] = parsed
+    return parsed
+
+
+def _parse_timestamp(value: Any, what: str) -> datetime:
     if not isinstance(value, str) or not value.endswith("Z") or "T" not in value:
         raise DecodeError(f"{what} is not an ISO 8601 UTC timestamp ending in Z")
     try:
