@@ -15,6 +15,9 @@ Each uses its own consumer group on the same stream and its own fresh database o
 PostgreSQL (fsync off: the disk is not what is measured), started here with Redis (tests'
 ``pgproc``/``redisproc`` helpers, never the machine's shared servers). Prints one JSON line
 per run and a summary with medians. Bounded in count and time (``--timeout`` per run).
+Each run also reports the share of one core used by the processor (this process), Redis and
+PostgreSQL (postmaster + backends), from /proc. ``--compare-txredisapi`` adds a third drain
+per round with txredisapi's own reply parser instead of RedisClient's (the A/B of that change).
 """
 
 from __future__ import annotations
