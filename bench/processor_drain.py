@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--plain-records", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4000)  # the processor's default
     parser.add_argument("--timeout", type=float, default=300.0, help="per run, seconds")
     parser.add_argument(
         "--compare-txredisapi",
