@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections import deque
 from typing import Any
 
 import attrs
@@ -191,7 +190,9 @@ class Session:
         self.imei: str | None = None
         self.max_buffer = max_buffer
         self._framer = Framer(max_frame_size=max_frame_size)
-        self._commands: deque[PendingCommand] = deque()
+        # a list, not a deque: an empty deque takes 760 bytes, an empty list 56, and a device
+        # seldom has more than a command or two waiting (x 100,000 connections: 70 MB)
+        self._commands: list[PendingCommand] = []
         self.command_in_flight: PendingCommand | None = None
         #: the ACK to write once the pending publish succeeds (None: no ACK)
         self._ack_after_publish: int | None = None
@@ -292,7 +293,7 @@ class Session:
     def _maybe_send_command(self) -> list[Action]:
         if self.state is not State.IDLE or self.command_in_flight is not None or not self._commands:
             return []
-        command = self._commands.popleft()
+        command = self._commands.pop(0)
         self.command_in_flight = command
         return [Send(command.frame), CommandSent(command.handle)]
 
