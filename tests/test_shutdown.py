@@ -32,7 +32,13 @@ def free_port() -> int:
 
 
 class TwistdProcess:
-    def __init__(self, redis: RedisProcess | None, tmp_path: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        redis: RedisProcess | None,
+        tmp_path: Path,
+        *extra: str,
+        own_process_group: bool = False,
+    ) -> None:
         self.device_port = free_port()
         self.http_port = free_port()
         self.log = tmp_path / "twistd.log"
@@ -62,6 +68,8 @@ class TwistdProcess:
             stderr=subprocess.STDOUT,
             # as from a terminal: SIGINT at its default even if our parent ignores it
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            # a process group of its own, for signals to all its processes (os.killpg)
+            process_group=0 if own_process_group else None,
         )
 
     async def ready(self) -> None:

@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 
 from teltonika_ingest.codec import TYPE_COMMAND, decode_command_frame, encode_imei
+from teltonika_ingest.server.workers import _gone
 from teltonika_ingest.sim.traffic import imei_for
 
 from device import DeviceProtocol, connect_device, expect_frame, http_get, wait_for
@@ -36,6 +37,12 @@ def registry(redis: RedisProcess) -> dict[str, str]:
 def child_pids(pid: int) -> set[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return {int(p) for p in f.read().split()}
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    """The workers: children of the fork server, the supervisor's one child."""
+    (fork_server,) = child_pids(supervisor)
+    return child_pids(fork_server)
 
 
 def worker_pid(svc: TwistdProcess, index: int) -> int:
@@ -100,7 +107,7 @@ async def test_two_workers_registry_commands_metrics_and_drain(
     svc = TwistdProcess(redis_proc, tmp_path, "--workers", "2")
     try:
         await svc.ready()
-        assert len(child_pids(svc.proc.pid)) == 2
+        assert len(worker_pids(svc.proc.pid)) == 2
         for instance in INSTANCES:
             assert redis_proc.cmd("EXISTS", f"instance:heartbeat:{instance}") == 1
         held = await connect_on_every_worker(svc, redis_proc)
@@ -161,11 +168,11 @@ async def test_killed_worker_is_restarted_and_its_stale_fields_removed(
             (imei, v) for imei, v in held.items() if v[1] == "shutdown-test-1"
         )
         victim_pid = worker_pid(svc, 1)
-        assert victim_pid in child_pids(svc.proc.pid)
+        assert victim_pid in worker_pids(svc.proc.pid)
         os.kill(victim_pid, signal.SIGKILL)  # a crash: no drain, no unregister
         await wait_for(lambda: victim_dev.closed.called, timeout=10)
         # restarted on the same socket, with the same instance id
-        await wait_for(lambda: len(child_pids(svc.proc.pid) - {victim_pid}) == 2, timeout=20)
+        await wait_for(lambda: len(worker_pids(svc.proc.pid) - {victim_pid}) == 2, timeout=20)
 
         async def restart_counted() -> bool:
             return "teltonika_worker_restarts_total 1.0" in await metrics_text(svc)
@@ -187,6 +194,87 @@ async def test_killed_worker_is_restarted_and_its_stale_fields_removed(
         svc.proc.send_signal(signal.SIGTERM)
         # twistd re-raises SIGTERM after a clean shutdown (OPERATIONS.md, exit statuses)
         assert await svc.exited(timeout=40) == -signal.SIGTERM
+    finally:
+        svc.kill()
+
+
+def shared_dirty_kib(pid: int) -> int:
+    """Anonymous memory ``pid`` still shares with its fork server (written before the fork)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Shared_Dirty:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Shared_Dirty for {pid}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_are_forked_from_the_preloaded_fork_server(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """The workers share the modules the fork server imported (copy-on-write). A worker that
+    imported them itself (exec) shares none: its Shared_Dirty is a few hundred KiB."""
+    svc = TwistdProcess(redis_proc, tmp_path, "--workers", "2")
+    try:
+        await svc.ready()
+        (fork_server,) = child_pids(svc.proc.pid)
+        with open(f"/proc/{fork_server}/cmdline", "rb") as f:
+            assert b"teltonika_ingest.server.forkserver" in f.read()
+        workers = worker_pids(svc.proc.pid)
+        assert workers == {worker_pid(svc, 0), worker_pid(svc, 1)}
+        for pid in workers:
+            assert shared_dirty_kib(pid) > 16 * 1024, pid  # ~30 MiB here
+    finally:
+        svc.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fork_server_killed_workers_drain_and_supervisor_exits_1(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    svc = TwistdProcess(redis_proc, tmp_path, "--workers", "2")
+    try:
+        await svc.ready()
+        held = await connect_on_every_worker(svc, redis_proc)
+        (fork_server,) = child_pids(svc.proc.pid)
+        workers = worker_pids(svc.proc.pid)
+        os.kill(fork_server, signal.SIGKILL)
+        # the kernel SIGTERMs the workers (PR_SET_PDEATHSIG): they drain and unregister
+        for dev, _ in held.values():
+            await wait_for(lambda dev=dev: dev.closed.called, timeout=20)
+        await wait_for(lambda: registry(redis_proc) == {}, timeout=10)
+        assert await svc.exited(timeout=40) == 1
+        log = svc.log.read_text()
+        assert "the fork server of the workers exited unexpectedly" in log
+        assert log.count("shutdown complete") == 3, log  # both workers, the supervisor
+        assert all(_gone(pid) for pid in workers)  # exited (orphans: reaped by init, or zombies)
+    finally:
+        svc.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest_twisted.ensureDeferred
+async def test_signal_to_every_process_drains_once(
+    redis_proc: RedisProcess, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C in a terminal signals the whole process group, systemd's KillMode=control-group
+    every process of the unit: the workers drain, the fork server waits for them, the
+    supervisor reports, nothing fails twice."""
+    svc = TwistdProcess(redis_proc, tmp_path, "--workers", "2", own_process_group=True)
+    try:
+        await svc.ready()
+        held = await connect_on_every_worker(svc, redis_proc)
+        (fork_server,) = child_pids(svc.proc.pid)
+        os.killpg(svc.proc.pid, sig)
+        code = await svc.exited(timeout=40)
+        assert code in (0, -sig), code
+        for dev, _ in held.values():
+            await wait_for(lambda dev=dev: dev.closed.called, timeout=5)
+        assert registry(redis_proc) == {}
+        log = svc.log.read_text()
+        assert log.count("shutdown complete") == 3, log
+        assert "Traceback" not in log and "Unhandled" not in log, log
+        assert "worker 0 exited (0)" in log and "worker 1 exited (0)" in log, log
+        await wait_for(lambda: _gone(fork_server), timeout=5)
     finally:
         svc.kill()
 
@@ -289,3 +377,30 @@ def test_workers_need_a_tcp_listener_and_a_redis_url(
     out = capsys.readouterr().out
     assert "start-up failed: --workers 2: more than one worker needs --redis-url" in out
     assert len(out.strip().splitlines()) == 1
+
+
+def test_fork_server_preloads_the_heavy_modules_without_a_reactor() -> None:
+    """What the workers share is what ``preload`` imported; a reactor imported there would be
+    shared too (one epoll, one waker pipe for every worker)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from teltonika_ingest.server import forkserver; forkserver.preload(); "
+        "print(' '.join(sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert "twisted.internet.reactor" not in out
+    for heavy in (
+        "twisted.internet.endpoints",
+        "twisted.web.server",
+        "twisted.application.internet",
+        "prometheus_client",
+        "OpenSSL.SSL",
+        "teltonika_ingest.config",
+        "teltonika_ingest.server.session",
+        "twisted.plugins.autobahn_endpoints",
+    ):
+        assert heavy in out, heavy

@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -63,6 +62,10 @@ class Readyz(Resource):
 def operations_site(
     registry: CollectorRegistry, ready_check: Callable[[], defer.Deferred[str | None]]
 ) -> server.Site:
+    # imported here: prometheus_client.twisted installs the reactor when imported, and the
+    # fork server (server/forkserver.py) imports this module before any reactor may exist
+    from prometheus_client.twisted import MetricsResource
+
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"healthz", Healthz())

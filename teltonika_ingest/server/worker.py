@@ -1,20 +1,18 @@
-"""One worker process of ``--workers N``: ``python -m teltonika_ingest.server.worker``.
+"""One worker process of ``--workers N``.
 
-Started only by the supervisor (``server/workers.py``), never by hand. It reads its
-:class:`WorkerSpec` (pickled) from standard input, adopts the listening sockets the
-supervisor opened and passed as inherited file descriptors, and runs the ordinary
+Forked by the fork server (``server/forkserver.py``) on the supervisor's request
+(``server/workers.py``), never started by hand. :func:`run` adopts the listening sockets the
+supervisor opened (inherited descriptors), and runs the ordinary
 :class:`~teltonika_ingest.server.tap.IngestService` with its own instance id. SIGTERM drains
 it exactly as a single-process service (contract.md §7). It asks the kernel for SIGTERM when
-the supervisor dies (``PR_SET_PDEATHSIG``), so no worker outlives its supervisor.
+its parent (the fork server) dies (``PR_SET_PDEATHSIG``), so no worker outlives them.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import socket
-import sys
 from typing import Any
 
 import attrs
@@ -36,7 +34,6 @@ class WorkerSpec:
     listen_fd: int
     metrics_fd: int
     udp_fd: int | None
-    supervisor_pid: int
     logfile: str | None  # None: standard output
 
 
@@ -87,23 +84,22 @@ class AdoptedUdpService(service.Service):
         return defer.maybeDeferred(port.stopListening) if port is not None else None
 
 
-def _die_with_parent(supervisor_pid: int) -> None:
-    """SIGTERM to this process when the supervisor dies (Linux; elsewhere a no-op)."""
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """``sig`` to this process when its parent dies (Linux; elsewhere a no-op)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != supervisor_pid:  # it died before prctl: nobody would signal us
-        os.kill(os.getpid(), signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before prctl: nobody would signal us
+        os.kill(os.getpid(), sig)
 
 
-def main() -> int:
-    spec: WorkerSpec = pickle.loads(sys.stdin.buffer.read())
-    sys.stdin.close()
-    _die_with_parent(spec.supervisor_pid)
+def run(spec: WorkerSpec, parent_pid: int) -> int:
+    """Run worker ``spec`` until it stops (from ``main`` or forked by the fork server)."""
+    die_with_parent(parent_pid)
 
     from twisted.internet import reactor as _reactor
     from twisted.logger import ILogObserver, Logger, globalLogBeginner
@@ -138,7 +134,22 @@ def main() -> int:
     app = service.MultiService()
     svc.setServiceParent(app)
 
+    stopping = False
+
+    def stop_once(signum: int, frame: Any) -> None:
+        # the first SIGTERM/SIGINT drains; a second one (Ctrl-C reaches every process of
+        # the group, then the supervisor forwards SIGTERM) must not stop a stopping reactor
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        Logger().info("received {name}, shutting down", name=signal.Signals(signum).name)
+        reactor.callFromThread(reactor.stop)
+
     def start() -> None:
+        # after reactor.run() installed Twisted's handlers, which stop the reactor each time
+        signal.signal(signal.SIGTERM, stop_once)
+        signal.signal(signal.SIGINT, stop_once)
         try:
             app.startService()
         except Exception:
@@ -150,7 +161,3 @@ def main() -> int:
     reactor.addSystemEventTrigger("before", "shutdown", app.stopService)
     reactor.run()
     return svc.exit_code or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

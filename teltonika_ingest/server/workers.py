@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
+import signal
 import socket
 import sys
 from typing import Any
@@ -43,6 +43,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, 
 
 from teltonika_ingest.config import Config, _split_endpoint, with_backlog
 from teltonika_ingest.ops.http import Healthz, Readyz
+from teltonika_ingest.server.forkserver import REPORT_FD, WORKER_FDS, encode_request, socket_fds
 from teltonika_ingest.server.worker import WorkerSpec
 
 log = Logger()
@@ -51,8 +52,8 @@ log = Logger()
 #: once a worker has run for RESTART_RESET s
 RESTART_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 RESTART_RESET = 60.0
-#: child descriptor numbers of the adopted sockets
-LISTEN_FD, METRICS_FD, UDP_FD = 3, 4, 5
+#: descriptor numbers of the adopted sockets in a worker
+LISTEN_FD, METRICS_FD, UDP_FD = WORKER_FDS
 
 
 class SupervisorMetrics:
@@ -119,18 +120,48 @@ def open_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _WorkerProcess(protocol.ProcessProtocol):
-    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+@attrs.define(eq=False)
+class _Worker:
+    """A running worker (a child of the fork server, not of this process)."""
+
+    index: int
+    pid: int
+    started_at: float
+    ended: defer.Deferred[int | None] = attrs.field(factory=defer.Deferred)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, sig)
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (no such process, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+class _ForkServerProcess(protocol.ProcessProtocol):
+    """The fork server (``server/forkserver.py``): requests in, ``started``/``exited`` out."""
+
+    def __init__(self, supervisor: WorkerSupervisor) -> None:
         self.supervisor = supervisor
-        self.index = index
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.started_at = supervisor.reactor.seconds()
+        self.buffer = b""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != REPORT_FD:
+            return
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self.supervisor._report(line.decode(errors="replace").split())
 
     def processEnded(self, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        sig = getattr(reason.value, "signal", None)
-        self.ended.callback(code if code is not None else 128 + (sig or 0))
-        self.supervisor._worker_ended(self, code, sig)
+        self.ended.callback(None)
+        self.supervisor._fork_server_ended(reason.value)
 
 
 class WorkerSupervisor(service.Service):
@@ -157,8 +188,9 @@ class WorkerSupervisor(service.Service):
         self.metrics = SupervisorMetrics(self.registry)
         self.address = parse_tcp_listen(with_backlog(config.listen, config.listen_backlog))
         self.sockets: list[dict[str, socket.socket]] = []
-        self.workers: dict[int, _WorkerProcess] = {}
-        self.pids: dict[int, int] = {}
+        self.workers: dict[int, _Worker] = {}
+        self.fork_server: _ForkServerProcess | None = None
+        self._orphans: Any = None
         self._failures: dict[int, int] = {}
         self._restart_calls: dict[int, Any] = {}
         self._stopping = False
@@ -218,6 +250,7 @@ class WorkerSupervisor(service.Service):
             first=f"{self.config.instance_id}-0",
             last=f"{self.config.instance_id}-{self.config.workers - 1}",
         )
+        self._start_fork_server()
         for index in range(self.config.workers):
             self._spawn(index)
         self.http.startService()
@@ -228,9 +261,25 @@ class WorkerSupervisor(service.Service):
         """systemd's STATUS=."""
         return f"{len(self.workers)} of {self.config.workers} workers running"
 
+    def _start_fork_server(self) -> None:
+        """One ``server/forkserver.py`` process: it holds every worker's sockets and forks
+        the workers from modules it has already imported (shared copy-on-write)."""
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, REPORT_FD: "r"}
+        for index, socks in enumerate(self.sockets):
+            listen, metrics, udp = socket_fds(index)
+            fds[listen] = socks["listen"].fileno()
+            fds[metrics] = socks["metrics"].fileno()
+            if "udp" in socks:
+                fds[udp] = socks["udp"].fileno()
+        self.fork_server = _ForkServerProcess(self)
+        argv = [sys.executable, "-m", "teltonika_ingest.server.forkserver", str(os.getpid())]
+        self.reactor.spawnProcess(
+            self.fork_server, sys.executable, argv, env=dict(os.environ), childFDs=fds
+        )
+
     def _spawn(self, index: int) -> None:
         self._restart_calls.pop(index, None)
-        if self._stopping:
+        if self._stopping or self.fork_server is None or self.fork_server.transport is None:
             return
         config = self.config
         socks = self.sockets[index]
@@ -248,41 +297,39 @@ class WorkerSupervisor(service.Service):
             listen_fd=LISTEN_FD,
             metrics_fd=METRICS_FD,
             udp_fd=UDP_FD if "udp" in socks else None,
-            supervisor_pid=os.getpid(),
             logfile=logfile,
         )
-        fds: dict[int, Any] = {
-            0: "w",
-            1: 1,
-            2: 2,
-            LISTEN_FD: socks["listen"].fileno(),
-            METRICS_FD: socks["metrics"].fileno(),
-        }
-        if "udp" in socks:
-            fds[UDP_FD] = socks["udp"].fileno()
-        proto = _WorkerProcess(self, index)
-        transport = self.reactor.spawnProcess(
-            proto,
-            sys.executable,
-            [sys.executable, "-m", "teltonika_ingest.server.worker"],
-            env=dict(os.environ),
-            childFDs=fds,
-        )
-        transport.write(pickle.dumps(spec))
-        transport.closeStdin()
-        self.workers[index] = proto
-        self.pids[index] = transport.pid
-        log.info("worker {index} started: pid {pid}", index=index, pid=transport.pid)
+        self.fork_server.transport.write(encode_request(spec))
 
-    def _worker_ended(self, proto: _WorkerProcess, code: int | None, sig: int | None) -> None:
-        index = proto.index
-        if self.workers.get(index) is proto:
+    def _report(self, fields: list[str]) -> None:
+        """A line from the fork server: ``started INDEX PID`` or
+        ``exited INDEX PID CODE SIGNAL``."""
+        try:
+            kind, index, pid = fields[0], int(fields[1]), int(fields[2])
+        except (IndexError, ValueError):
+            log.error("fork server said something unexpected: {fields}", fields=fields)
+            return
+        if kind == "started":
+            self.workers[index] = _Worker(index, pid, self.reactor.seconds())
+            log.info("worker {index} started: pid {pid}", index=index, pid=pid)
+        elif kind == "exited" and len(fields) == 5:
+            worker = self.workers.get(index)
+            if worker is None or worker.pid != pid:
+                return
+            code = None if fields[3] == "-" else int(fields[3])
+            sig = None if fields[4] == "-" else int(fields[4])
+            self._worker_ended(worker, code, sig)
+
+    def _worker_ended(self, worker: _Worker, code: int | None, sig: int | None) -> None:
+        index = worker.index
+        if self.workers.get(index) is worker:
             del self.workers[index]
-            self.pids.pop(index, None)
+        if not worker.ended.called:
+            worker.ended.callback(code if code is not None else 128 + (sig or 0))
         if self._stopping:
             log.info("worker {index} exited ({code})", index=index, code=code)
             return
-        ran = self.reactor.seconds() - proto.started_at
+        ran = self.reactor.seconds() - worker.started_at
         failures = 0 if ran >= RESTART_RESET else self._failures.get(index, 0) + 1
         self._failures[index] = failures
         delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
@@ -297,6 +344,35 @@ class WorkerSupervisor(service.Service):
         )
         self.metrics.worker_restarts.inc()
         self._restart_calls[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def _fork_server_ended(self, reason: Any) -> None:
+        """Its workers get SIGTERM from the kernel (and drain) and nothing reports their
+        exits any more: watch their pids instead. Unexpected (the fork server does nothing
+        but fork and wait): the supervisor stops, exit status 1, for systemd to restart."""
+        if self.workers:
+            from twisted.internet import task
+
+            self._orphans = task.LoopingCall(self._reap_orphans)
+            self._orphans.clock = self.reactor
+            self._orphans.start(0.1)
+        if self._stopping:
+            return
+        log.critical(
+            "the fork server of the workers exited unexpectedly ({reason}); its workers drain "
+            "and the supervisor stops (exit status 1)",
+            reason=reason,
+        )
+        self.exit_code = 1
+        self.reactor.stop()
+
+    def _reap_orphans(self) -> None:
+        for worker in list(self.workers.values()):
+            if _gone(worker.pid):
+                del self.workers[worker.index]
+                if not worker.ended.called:
+                    worker.ended.callback(None)
+        if not self.workers and self._orphans is not None and self._orphans.running:
+            self._orphans.stop()
 
     # ------------------------------------------------------------------ stop
 
@@ -314,10 +390,8 @@ class WorkerSupervisor(service.Service):
         self._restart_calls.clear()
         running = list(self.workers.values())
         log.info("shutdown: SIGTERM to {n} workers (each drains)", n=len(running))
-        for proto in running:
-            if proto.transport is not None:
-                with contextlib.suppress(OSError, ProcessExitedAlready):
-                    proto.transport.signalProcess("TERM")
+        for worker in running:
+            worker.signal(signal.SIGTERM)
         ended = defer.DeferredList([p.ended for p in running], consumeErrors=True)
         timer = self.reactor.callLater(self.config.shutdown_timeout + 5.0, self._kill_all, running)
         results = await ended
@@ -329,19 +403,34 @@ class WorkerSupervisor(service.Service):
             self.exit_code = 1
         await self.http.stopService()
         await self._pool.closeCachedConnections()
+        if self.fork_server is not None and self.fork_server.transport is not None:
+            self.fork_server.transport.closeStdin()  # no worker left: it exits
+            ending = self.fork_server.ended
+            ending.addTimeout(5, self.reactor)
+            try:
+                await ending
+            except defer.TimeoutError:
+                log.error("the fork server did not exit: SIGKILL")
+                with contextlib.suppress(OSError, ProcessExitedAlready):
+                    self.fork_server.transport.signalProcess("KILL")
+        if self._orphans is not None and self._orphans.running:
+            self._orphans.stop()
         for entry in self.sockets:
             for sock in entry.values():
                 sock.close()
         log.info("supervisor shutdown complete")
         if self.notifier is not None:
             self.notifier.stopService()
+        if self.exit_code:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(self.exit_code)
 
-    def _kill_all(self, running: list[_WorkerProcess]) -> None:
-        for proto in running:
-            if not proto.ended.called and proto.transport is not None:
-                log.critical("worker {index} did not stop: SIGKILL", index=proto.index)
-                with contextlib.suppress(OSError, ProcessExitedAlready):
-                    proto.transport.signalProcess("KILL")
+    def _kill_all(self, running: list[_Worker]) -> None:
+        for worker in running:
+            if not worker.ended.called:
+                log.critical("worker {index} did not stop: SIGKILL", index=worker.index)
+                worker.signal(signal.SIGKILL)
 
     # ------------------------------------------------------------------ HTTP
 
