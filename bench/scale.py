@@ -58,8 +58,12 @@ def children(pid: int) -> list[int]:
 
 
 def service_pids(pid: int) -> list[int]:
-    """The service: the twistd process and (with --workers) its worker processes."""
-    return [pid, *children(pid)]
+    """The service: the twistd process and (with --workers) the fork server and the worker
+    processes it forked: the whole process tree."""
+    out = [pid]
+    for child in children(pid):
+        out.extend(service_pids(child))
+    return out
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -493,6 +497,17 @@ def run_fleet(devices: int, duration: float, service_args: list[str]) -> dict[st
         "ack_metrics_p99_le_ms": quantile_bound(
             summed(metrics, "teltonika_ack_latency_seconds"), 0.99
         ),
+        # the time series: t (s), connections, RSS and PSS (MiB), service CPU (s)
+        "samples": [
+            [
+                round(x["t"], 1),
+                x["connections"],
+                round(x["rss_kib"] / 1024, 1),
+                round(x["pss_kib"] / 1024, 1),
+                round(x["cpu_s"], 2),
+            ]
+            for x in samples
+        ],
     }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor
+from twisted.internet import defer, protocol, reactor
 
 from teltonika_ingest.codec import (
     CODEC_12,
@@ -315,6 +315,32 @@ async def test_devices_spread_over_source_addresses(fake_server: Any) -> None:
     ]
     with pytest.raises(ValueError, match="only for a 127"):
         SimConfig(host="192.0.2.1", devices=1, packets=1, source_addresses=2).validate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_source_address_sockets_take_their_port_at_connect(fake_server: Any) -> None:
+    """IP_BIND_ADDRESS_NO_PORT: bound to the address, the port chosen by connect() for the
+    (source, destination) pair, so a previous run's TIME_WAIT ports do not starve bind()."""
+    from teltonika_ingest.sim.devices import IP_BIND_ADDRESS_NO_PORT, _SourceAddressConnector
+
+    _box, port = fake_server(_ack_all)
+    made: defer.Deferred[Any] = defer.Deferred()
+
+    class Once(protocol.ClientFactory):
+        def buildProtocol(self, addr: Any) -> protocol.Protocol:
+            proto = protocol.Protocol()
+            reactor.callLater(0, made.callback, proto)
+            return proto
+
+    connector = _SourceAddressConnector("127.0.0.1", port, Once(), 5, ("127.0.1.7", 0), reactor)
+    connector.connect()
+    proto = await made
+    try:
+        skt = proto.transport.getHandle()  # type: ignore[union-attr]
+        assert skt.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+        assert skt.getsockname()[0] == "127.0.1.7"
+    finally:
+        connector.disconnect()
 
 
 @pytest_twisted.ensureDeferred

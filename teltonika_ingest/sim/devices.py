@@ -3,12 +3,14 @@ answers to Codec 12/14 commands."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.python.failure import Failure
 
 from teltonika_ingest.codec import (
@@ -256,13 +258,21 @@ class TcpDevice(BaseDevice, protocol.ClientFactory):
             return
         self.state = _CONNECTING
         sim.connecting += 1
-        self.connector = sim.reactor.connectTCP(
-            sim.config.host,
-            sim.config.port,
-            self,
-            timeout=sim.config.connect_timeout,
-            bindAddress=sim.bind_address(self.index),
+        bind = sim.bind_address(self.index)
+        if bind is None or not hasattr(sim.reactor, "_selectables"):  # not a real reactor
+            self.connector = sim.reactor.connectTCP(
+                sim.config.host,
+                sim.config.port,
+                self,
+                timeout=sim.config.connect_timeout,
+                bindAddress=bind,
+            )
+            return
+        connector = _SourceAddressConnector(
+            sim.config.host, sim.config.port, self, sim.config.connect_timeout, bind, sim.reactor
         )
+        connector.connect()
+        self.connector = connector
 
     def buildProtocol(self, addr: Any) -> _DeviceProtocol:
         proto = _DeviceProtocol()
@@ -565,3 +575,26 @@ def answer_command(
     else:
         return None
     return encode_command_message(reply)
+
+
+#: Linux: bind() to an address without taking a port; connect() then picks one unique for the
+#: whole (source, destination) pair, as an unbound socket does, instead of one free on the
+#: source address for every destination. Without it, bind(("127.0.1.x", 0)) runs out of ports
+#: (or slows down the search for one) long before 28,000 connections per address when the
+#: previous run's TIME_WAIT sockets still hold ports on that address.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class _SourceAddressClient(tcp.Client):
+    def createInternetSocket(self) -> socket.socket:
+        skt: socket.socket = super().createInternetSocket()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(OSError):  # not Linux: the plain bind
+            skt.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        return skt
+
+
+class _SourceAddressConnector(tcp.Connector):
+    """``reactor.connectTCP(..., bindAddress=...)`` with ``IP_BIND_ADDRESS_NO_PORT``."""
+
+    def _makeTransport(self) -> tcp.Client:
+        return _SourceAddressClient(self.host, self.port, self.bindAddress, self, self.reactor)
