@@ -9,6 +9,7 @@ import os
 import re
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -404,3 +405,46 @@ def test_fork_server_preloads_the_heavy_modules_without_a_reactor() -> None:
         "twisted.plugins.autobahn_endpoints",
     ):
         assert heavy in out, heavy
+
+
+def test_merged_exposition_equals_a_parsed_merge() -> None:
+    """The supervisor's line-based merge says what a full parse of every worker's text and a
+    re-labelled union would: each family once, every sample with its worker label."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from teltonika_ingest.server.workers import merge_exposition
+
+    texts = []
+    for index in range(3):
+        registry = CollectorRegistry()
+        c = Counter("t_frames", "Frames.", ["codec", "result"], registry=registry)
+        c.labels(codec="8E", result='o"k}').inc(index + 1)  # quotes and a brace in a value
+        if index != 1:  # a family one worker does not have
+            Gauge("t_only_some", "Not everywhere.", registry=registry).set(index)
+        Gauge("t_active", "Active.", registry=registry).set(10 * index)
+        h = Histogram("t_ack_seconds", "ACK.", buckets=(0.01, 0.1), registry=registry)
+        h.observe(0.05 * index)
+        texts.append((index, generate_latest(registry)))
+
+    def samples(text: str) -> dict[str, set[tuple[str, tuple[tuple[str, str], ...], float]]]:
+        out: dict[str, set[Any]] = {}
+        for family in text_string_to_metric_families(text):
+            assert family.name not in out, f"{family.name} twice"
+            out[family.name] = {
+                (s.name, tuple(sorted(s.labels.items())), s.value) for s in family.samples
+            }
+        return out
+
+    expected: dict[str, set[Any]] = {}
+    for index, text in texts:
+        for name, series in samples(text.decode()).items():
+            expected.setdefault(name, set()).update(
+                (n, tuple(sorted({**dict(lbl), "worker": str(index)}.items())), v)
+                for n, lbl, v in series
+            )
+    merged = merge_exposition(texts).decode()
+    assert samples(merged) == expected
+    assert merged.count("# HELP t_frames_total Frames.") == 1
+    assert 't_active{worker="2"} 20.0' in merged
+    assert merge_exposition([]) == b""

@@ -32,8 +32,6 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ProcessExitedAlready
@@ -478,12 +476,12 @@ class WorkerSupervisor(service.Service):
         return defer.ensureDeferred(check())
 
     async def merged_metrics(self) -> bytes:
-        families: dict[str, Metric] = {}
         urls = [(i, url) for i, url in self.worker_urls("/metrics") if i in self.workers]
         # every worker at once: a scrape takes as long as the slowest worker, not the sum
         replies = await defer.DeferredList(
             [defer.ensureDeferred(self._get(url)) for _, url in urls], consumeErrors=True
         )
+        texts: list[tuple[int, bytes]] = []
         for (index, _url), (ok, reply) in zip(urls, replies, strict=True):
             if not ok:
                 failure: Any = reply
@@ -494,33 +492,61 @@ class WorkerSupervisor(service.Service):
                 )
                 continue
             code, body = reply
-            if code != 200:
+            if code == 200:
+                texts.append((index, body))
+        return generate_latest(self.registry) + merge_exposition(texts)
+
+
+def merge_exposition(texts: list[tuple[int, bytes]]) -> bytes:
+    """The Prometheus text expositions of several workers as one: each family's ``# HELP`` and
+    ``# TYPE`` once, then every worker's samples of it, each with a ``worker`` label added last.
+
+    Line work, not a parse: prometheus_client's parser took ~80 ms of the supervisor's CPU
+    per scrape of 6 workers (0.08 cores at a 1 s scrape interval); this takes a few ms. It
+    relies on what prometheus_client writes: a family's lines are contiguous and start with
+    its ``# HELP`` line; a sample line is ``name[{labels}] value [timestamp]`` (no ``}`` after
+    the labels)."""
+    order: list[bytes] = []
+    headers: dict[bytes, list[bytes]] = {}
+    samples: dict[bytes, list[bytes]] = {}
+    for index, text in texts:
+        label = b'worker="%d"' % index
+        family = b""
+        for line in text.splitlines():
+            if not line:
                 continue
-            for family in text_string_to_metric_families(body.decode()):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = families[family.name] = Metric(
-                        family.name, family.documentation, family.type, family.unit
-                    )
-                for sample in family.samples:
-                    merged.add_sample(
-                        sample.name, {**sample.labels, "worker": str(index)}, sample.value
-                    )
-        registry = CollectorRegistry()
-        registry.register(_Fixed(list(families.values())))
-        return generate_latest(self.registry) + generate_latest(registry)
+            if line.startswith(b"#"):
+                parts = line.split(b" ", 3)
+                if len(parts) >= 3 and parts[1] in (b"HELP", b"TYPE"):
+                    if parts[1] == b"HELP":
+                        family = parts[2]
+                    if family not in headers:
+                        order.append(family)
+                        headers[family] = []
+                        samples[family] = []
+                    if len(headers[family]) < 2:
+                        headers[family].append(line)
+                continue
+            if family not in samples:  # a sample before any HELP line
+                order.append(family)
+                headers[family] = []
+                samples[family] = []
+            close = line.rfind(b"}")
+            if close >= 0:  # prometheus_client writes no empty {}
+                line = line[:close] + b"," + label + line[close:]
+            else:
+                name, _, rest = line.partition(b" ")
+                line = name + b"{" + label + b"} " + rest
+            samples[family].append(line)
+    out: list[bytes] = []
+    for family in order:
+        out.extend(headers[family])
+        out.extend(samples[family])
+    return b"\n".join(out) + b"\n" if out else b""
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per scrape
-
-
-class _Fixed:
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
 
 
 class MergedMetrics(resource.Resource):
