@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from teltonika_ingest.codec import AvlFrame, CommandMessage
 from teltonika_ingest.server.budget import DeviceBudget, RepeatLimiter, suppressed_note
+from teltonika_ingest.server.idle import IdleWheel
 from teltonika_ingest.server.memory import malloc_trim
 from teltonika_ingest.server.metrics import Metrics
 from teltonika_ingest.server.session import (
@@ -142,7 +143,8 @@ class TeltonikaProtocol(Protocol):
         self.peer = "?"
         self.imei: str | None = None
         self._handshake_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
+        #: this connection's second in the factory's IdleWheel (None: not watched)
+        self._idle_slot: int | None = None
         self._abort_timer: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
         #: bytes this connection's session buffered, as last counted in the factory's total
@@ -170,7 +172,7 @@ class TeltonikaProtocol(Protocol):
         self._last_activity = clock.seconds()
         self._handshake_timer = clock.callLater(settings.handshake_timeout, self._handshake_expired)
         if settings.idle_timeout > 0:
-            self._idle_timer = clock.callLater(settings.idle_timeout, self._idle_check)
+            self._idle_slot = factory.idle.watch(self, self._last_activity + settings.idle_timeout)
         factory.connection_opened(self)
         log.debug("device connected from {peer}", peer=self.peer)
         # Back-pressure: when our writes to this device (ACKs) pile up because it does not
@@ -206,15 +208,13 @@ class TeltonikaProtocol(Protocol):
             self._session_error(Failure())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for timer in (
-            self._handshake_timer,
-            self._idle_timer,
-            self._abort_timer,
-            self._frame_timer,
-        ):
+        for timer in (self._handshake_timer, self._abort_timer, self._frame_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._handshake_timer = self._idle_timer = self._abort_timer = self._frame_timer = None
+        self._handshake_timer = self._abort_timer = self._frame_timer = None
+        if self._idle_slot is not None:
+            self.factory.idle.forget(self, self._idle_slot)
+            self._idle_slot = None
         if self.transport is not None and getattr(self.transport, "producer", None) is self:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
         if self.session is not None:
@@ -355,11 +355,13 @@ class TeltonikaProtocol(Protocol):
         if session is not None and session.state in (State.AWAITING_IMEI, State.AUTHORIZING):
             self._guarded(session.close, "handshake_timeout", "no IMEI in time")
 
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        clock = self.factory.clock
+    def idle_check(self) -> None:
+        """The idle deadline passed (``IdleWheel``): close if nothing came since, else watch
+        the new deadline."""
+        self._idle_slot = None
+        now = self.factory.clock.seconds()
         timeout = self.factory.settings.idle_timeout
-        idle_for = clock.seconds() - self._last_activity
+        idle_for = now - self._last_activity
         session = self.session
         if session is None or session.state is State.CLOSED:
             return
@@ -367,7 +369,7 @@ class TeltonikaProtocol(Protocol):
         if idle_for >= timeout and session.state not in (State.PUBLISHING, State.AUTHORIZING):
             self._guarded(session.close, "idle_timeout", f"silent for {idle_for:.0f} s")
             return
-        self._idle_timer = clock.callLater(max(timeout - idle_for, 1.0), self._idle_check)
+        self._idle_slot = self.factory.idle.watch(self, now + max(timeout - idle_for, 1.0))
 
     def _watch_frame(self, progressed: bool) -> None:
         """The frame deadline (``--frame-timeout``): runs while the session is idle with part
@@ -688,6 +690,8 @@ class TeltonikaFactory(Factory):
         self.queue: Any = None
         self.connections: set[TeltonikaProtocol] = set()
         self.by_imei: dict[str, TeltonikaProtocol] = {}
+        #: every connection's --idle-timeout deadline, on one timer
+        self.idle: IdleWheel[TeltonikaProtocol] = IdleWheel(clock, TeltonikaProtocol.idle_check)
         self.draining = False
         #: reading from every device paused: publishes backed up to --max-inflight
         self.reading_paused = False
