@@ -92,10 +92,11 @@ bench-scale: $(STAMP)
 	mkdir -p var
 	$(BIN)/python -m bench.scale tail workers fleet --json var/bench-scale.json > /dev/null
 
-# 100,000 devices: 6 workers, 6 simulator processes, ~4 min, stops by itself
+# 100,000 devices: 6 workers, 6 simulator processes, 400 new connections/s, ~7 min, stops by
+# itself
 bench-100k: $(STAMP)
 	mkdir -p var
-	$(BIN)/python -m bench.scale fleet --sizes 100000 --json var/bench-100k.json > /dev/null
+	$(BIN)/python -m bench.scale fleet --sizes 100000 --connect-rate 400 --json var/bench-100k.json > /dev/null
 
 clean:
 	rm -rf $(VENV) build *.egg-info var

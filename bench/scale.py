@@ -395,18 +395,24 @@ class TreeSampler(threading.Thread):
         self.join(10)
 
 
-def fleet_plan(devices: int) -> dict[str, int]:
+def fleet_plan(devices: int, connect_rate: float = 1_000.0) -> dict[str, int]:
     per_process = math.ceil(devices / DEVICES_PER_PROCESS)
     return {
         "workers": max(1, per_process),
         "simulators": max(1, per_process),
         "source_addresses": max(1, math.ceil(devices / 20_000) + 1),
-        "ramp_up": max(10, math.ceil(devices / 1_000)),
+        "ramp_up": max(10, math.ceil(devices / connect_rate)),
     }
 
 
-def run_fleet(devices: int, duration: float, service_args: list[str]) -> dict[str, Any]:
-    plan = fleet_plan(devices)
+def run_fleet(
+    devices: int,
+    duration: float,
+    service_args: list[str],
+    connect_rate: float = 1_000.0,
+    simulator_nice: int = 0,
+) -> dict[str, Any]:
+    plan = fleet_plan(devices, connect_rate)
     sim = {
         "records": 10, "codec": "8E", "ios": 22, "rate": 1 / 60, "ramp-up": plan["ramp_up"],
         "duration": duration, "devices": devices, "ack-timeout": 30,
@@ -432,9 +438,11 @@ def run_fleet(devices: int, duration: float, service_args: list[str]) -> dict[st
             sampler.start()
             rcpu0 = e2e.cpu_seconds(rproc.pid)
             started = time.monotonic()
+            argv = e2e.simulator_argv(port, sim, plan["simulators"])
+            if simulator_nice:  # the devices' CPU after the service's (they are not on its host)
+                argv = ["nice", "-n", str(simulator_nice), *argv]
             summary, sim_cpu, elapsed = e2e.run_simulator(
-                e2e.simulator_argv(port, sim, plan["simulators"]),
-                float(plan["ramp_up"]) + duration + 180,
+                argv, float(plan["ramp_up"]) + duration + 180
             )
             sampler.stop()
             rcpu = e2e.cpu_seconds(rproc.pid) - rcpu0
@@ -525,6 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts compared (1,2)")
     parser.add_argument("--sizes", default="10000,30000", help="fleet sizes (10000,30000)")
     parser.add_argument("--fleet-duration", type=float, default=60.0, help="steady s (60)")
+    parser.add_argument(
+        "--connect-rate", type=float, default=1_000.0, help="fleet: new connections/s (1000)"
+    )
+    parser.add_argument(
+        "--simulator-nice",
+        type=int,
+        default=0,
+        help="fleet: run the simulators at this nice level (0): the service gets the CPU first",
+    )
     parser.add_argument("--service-arg", action="append", default=[], metavar="ARG")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args(argv)
@@ -537,7 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     if "fleet" in args.what:
         out["fleet"] = []
         for size in (int(n) for n in args.sizes.split(",")):
-            result = run_fleet(size, args.fleet_duration, args.service_arg)
+            result = run_fleet(
+                size, args.fleet_duration, args.service_arg, args.connect_rate, args.simulator_nice
+            )
+            result["simulator_nice"] = args.simulator_nice
             log(
                 f"fleet {size}: connected {result['connected_max']:,.0f}, "
                 f"{result['bytes_per_connection']:,.0f} B/connection, "

@@ -587,7 +587,7 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 class _SourceAddressClient(tcp.Client):
     def createInternetSocket(self) -> socket.socket:
-        skt: socket.socket = super().createInternetSocket()  # type: ignore[no-untyped-call]
+        skt: socket.socket = super().createInternetSocket()
         with contextlib.suppress(OSError):  # not Linux: the plain bind
             skt.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         return skt
