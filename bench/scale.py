@@ -400,7 +400,8 @@ def fleet_plan(devices: int, connect_rate: float = 1_000.0) -> dict[str, int]:
     return {
         "workers": max(1, per_process),
         "simulators": max(1, per_process),
-        "source_addresses": max(1, math.ceil(devices / 20_000) + 1),
+        # a third of the ~28,000 ephemeral ports per address at most
+        "source_addresses": max(1, math.ceil(devices / 10_000) + 1),
         "ramp_up": max(10, math.ceil(devices / connect_rate)),
     }
 
