@@ -447,11 +447,14 @@ def run_fleet(
             )
             sampler.stop()
             rcpu = e2e.cpu_seconds(rproc.pid) - rcpu0
-            try:
-                metrics = e2e.scrape(http)
-            except OSError as e:  # a loaded machine: keep the simulator's figures anyway
-                log(f"fleet {devices}: final /metrics scrape failed: {e}")
-                metrics = {}
+            metrics = {}
+            for attempt in range(3):  # the workers may still be closing 100,000 connections
+                try:
+                    metrics = e2e.scrape(http)
+                    break
+                except OSError as e:  # a loaded machine: keep the simulator's figures anyway
+                    log(f"fleet {devices}: final /metrics scrape {attempt + 1} failed: {e}")
+                    time.sleep(5.0)
             xlen = int(e2e._redis_cmd(rport, "XLEN", "telemetry:teltonika").decode().strip(":\r\n"))
             redis_rss = e2e.rss_kib(rproc.pid)[0] / 1024
             hwm = sum(e2e.rss_kib(p)[1] for p in service_pids(sproc.pid)) / 1024
