@@ -28,7 +28,8 @@ PROCESSOR_ARGS ?=
 LIVE_ARGS ?= --live tcp:9091:interface=127.0.0.1 --live-tokens var/live-tokens
 # A command started with & by a non-interactive shell ignores SIGINT, and Python (twistd) keeps
 # an ignored SIGINT ignored: restore the default before exec, so the terminal's Ctrl-C reaches
-# the processor too (both drain at once; the trap covers the ingest exiting by itself).
+# the processor too (both drain at once; the trap covers the ingest exiting by itself, and on
+# Ctrl-C it waits for the processor to finish draining before make returns).
 export SIGINT_DEFAULT := import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])
 run: $(STAMP)
 	mkdir -p var
@@ -37,7 +38,7 @@ run: $(STAMP)
 	{ test -n "$${REDIS_URL:-}" || for i in $$(seq 300); do test -S var/redis.sock && break; sleep 0.1; done; \
 	  exec $(BIN)/python -c "$$SIGINT_DEFAULT" $(BIN)/twistd -n --pidfile=var/processor.pid teltonika-processor \
 	    --redis-url "$${REDIS_URL:-unix://$(CURDIR)/var/redis.sock}" $(LIVE_ARGS) $(PROCESSOR_ARGS); } & processor=$$!; \
-	trap 'kill -TERM $$processor 2>/dev/null; wait $$processor' EXIT; \
+	trap 'kill -TERM $$processor 2>/dev/null; wait $$processor' EXIT INT TERM; \
 	$(BIN)/twistd -n --pidfile=var/ingest.pid teltonika-ingest $(ARGS)
 
 lint: $(STAMP)
