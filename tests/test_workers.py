@@ -199,6 +199,11 @@ async def test_killed_worker_is_restarted_and_its_stale_fields_removed(
         svc.kill()
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def shared_dirty_kib(pid: int) -> int:
     """Anonymous memory ``pid`` still shares with its fork server (written before the fork)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -222,6 +227,9 @@ async def test_workers_are_forked_from_the_preloaded_fork_server(
             assert b"teltonika_ingest.server.forkserver" in f.read()
         workers = worker_pids(svc.proc.pid)
         assert workers == {worker_pid(svc, 0), worker_pid(svc, 1)}
+        # named for top / ps -o comm / pgrep: the command line is the fork server's
+        assert _comm(fork_server) == "teltonika-fork"
+        assert {_comm(worker_pid(svc, i)) for i in (0, 1)} == {"teltonika-w0", "teltonika-w1"}
         for pid in workers:
             assert shared_dirty_kib(pid) > 16 * 1024, pid  # ~30 MiB here
     finally:

@@ -218,6 +218,9 @@ def main() -> int:
     # hold the worker's descriptor numbers (3, 4, 5) so nothing opened from here on gets one:
     # a forked worker puts its sockets there
     _hold(WORKER_FDS)
+    from teltonika_ingest.server.worker import set_process_name
+
+    set_process_name("teltonika-fork")
     preload()
     gc.collect()
     gc.freeze()  # the workers' collections never touch (and so never copy) these pages

@@ -97,9 +97,22 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
+def set_process_name(name: str) -> None:
+    """The name ``top``, ``ps -o comm`` and ``pgrep`` show (Linux, at most 15 bytes; the
+    command line stays the fork server's)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def run(spec: WorkerSpec, parent_pid: int) -> int:
-    """Run worker ``spec`` until it stops (from ``main`` or forked by the fork server)."""
+    """Run worker ``spec`` until it stops (forked by the fork server)."""
     die_with_parent(parent_pid)
+    set_process_name(f"teltonika-w{spec.index}")
 
     from twisted.internet import reactor as _reactor
     from twisted.logger import ILogObserver, Logger, globalLogBeginner
