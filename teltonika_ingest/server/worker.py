@@ -84,29 +84,27 @@ class AdoptedUdpService(service.Service):
         return defer.maybeDeferred(port.stopListening) if port is not None else None
 
 
-def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
-    """``sig`` to this process when its parent dies (Linux; elsewhere a no-op)."""
+def _prctl(option: int, arg: Any) -> bool:
+    """``prctl(2)`` (Linux); False where there is none."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # it died before prctl: nobody would signal us
-        os.kill(os.getpid(), sig)
+        return False
+    return True
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """``sig`` to this process when its parent dies (Linux; elsewhere a no-op)."""
+    if _prctl(1, int(sig)) and os.getppid() != parent_pid:  # PR_SET_PDEATHSIG
+        os.kill(os.getpid(), sig)  # it died before prctl: nobody would signal us
 
 
 def set_process_name(name: str) -> None:
     """The name ``top``, ``ps -o comm`` and ``pgrep`` show (Linux, at most 15 bytes; the
     command line stays the fork server's)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+    _prctl(15, name.encode()[:15])  # PR_SET_NAME
 
 
 def run(spec: WorkerSpec, parent_pid: int) -> int:
