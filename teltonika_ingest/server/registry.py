@@ -58,6 +58,23 @@ return n
 )
 
 
+#: most IMEIs in one compare-and-delete (a Lua call blocks Redis while it runs)
+UNREGISTER_BATCH = 500
+
+
+class _UnregisterBatch:
+    """The unregisters of one pass: ``done`` fires with the batch's reply (what each
+    ``unregister()`` returns), ``tail`` when it was answered (a later write of one of these
+    IMEIs waits for it)."""
+
+    __slots__ = ("done", "imeis", "tail")
+
+    def __init__(self) -> None:
+        self.imeis: list[str] = []
+        self.done: defer.Deferred[Any] = defer.Deferred()
+        self.tail: defer.Deferred[None] = defer.Deferred()
+
+
 def heartbeat_key(instance_id: str) -> str:
     return HEARTBEAT_PREFIX + instance_id
 
@@ -94,6 +111,9 @@ class Registry(Service):
         self._pending: set[defer.Deferred[Any]] = set()
         #: per IMEI, fires when its last registry write has been answered
         self._tails: dict[str, defer.Deferred[None]] = {}
+        #: unregisters asked for in this pass of the event loop, sent at its end
+        self._unregistering: _UnregisterBatch | None = None
+        self._unregister_call: Any = None
         #: failed writes are Redis' doing: a few lines a minute for all devices, not one each
         self.log_limit = RepeatLimiter(clock)
 
@@ -141,14 +161,56 @@ class Registry(Service):
         return defer.gatherResults(calls, consumeErrors=True)
 
     def unregister(self, imei: str) -> defer.Deferred[Any]:
-        """Remove ``imei`` only if the registry still names this instance (atomic)."""
+        """Remove ``imei`` only if the registry still names this instance (atomic).
 
-        def send() -> defer.Deferred[Any]:
-            d = self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, imei])
-            d.addErrback(self._failed, "unregister", imei)
-            return d
+        Unregisters asked for in one pass of the event loop go to Redis as one
+        compare-and-delete of many IMEIs (at most :data:`UNREGISTER_BATCH`), sent at the end
+        of the pass: when a cell outage drops the whole fleet at once, the reactor reads
+        thousands of closed sockets in one pass, and one script call (and its Deferreds) per
+        device held ~2 KB each until Redis was reached. The returned Deferred (shared by the
+        batch) fires once Redis answered the batch."""
+        if imei in self._tails:
+            # a write for this IMEI is still unanswered: this one waits for it
+            def send() -> defer.Deferred[Any]:
+                d = self.redis.run_script(
+                    COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, imei]
+                )
+                d.addErrback(self._failed, "unregister", imei)
+                return d
 
-        return self._track(self._in_order(imei, send))
+            return self._track(self._in_order(imei, send))
+        batch = self._unregistering
+        if batch is None:
+            batch = self._unregistering = _UnregisterBatch()
+            self._track(batch.done)
+            self._unregister_call = self.clock.callLater(0, self._send_unregisters)
+        batch.imeis.append(imei)
+        self._tails[imei] = batch.tail
+        if len(batch.imeis) >= UNREGISTER_BATCH:
+            self._send_unregisters()
+        return batch.done
+
+    def _send_unregisters(self) -> None:
+        call, self._unregister_call = self._unregister_call, None
+        if call is not None and call.active():
+            call.cancel()
+        batch, self._unregistering = self._unregistering, None
+        if batch is None:
+            return
+        imeis = batch.imeis
+        d = self.redis.run_script(COMPARE_AND_DELETE, [REGISTRY_KEY], [self.instance_id, *imeis])
+        what = imeis[0] if len(imeis) == 1 else f"{len(imeis)} IMEIs"
+        d.addErrback(self._failed, "unregister", what)
+        tails, tail = self._tails, batch.tail
+
+        def answered(result: Any) -> Any:
+            for imei in imeis:
+                if tails.get(imei) is tail:
+                    del tails[imei]
+            tail.callback(None)
+            return result
+
+        d.addBoth(answered).chainDeferred(batch.done)
 
     def _in_order(self, imei: str, send: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         """Send this IMEI's registry write only once its previous one was answered.
