@@ -626,6 +626,9 @@ def _py_spy(pid: int, out: Path, delay: float, seconds: float) -> None:
 
 # Categories, matched leaf-first: a sample belongs to the deepest frame that matches.
 _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Twisted's send() wrapper: time in the syscall, which on loopback also runs the peer's
+    # TCP receive (the simulator's, Redis'); was counted as "reactor loop" before
+    ("socket send (kernel; on loopback the peer's receive too)", ("util.py:untilConcludes",)),
     ("payload JSON (record_payload, format_timestamp)", ("codec/payload.py",)),
     ("decode (framer, CRC, AVL records)", ("teltonika_ingest/codec/", "<teltonika")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
