@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet import protocol
 
-from teltonika_ingest.sim.devices import write_now
+from teltonika_ingest.writenow import write_now
 
 _ACKS = tuple(struct.pack(">I", n) for n in range(256))
 _HANDSHAKE_SIZE = 17  # 000F + 15 digits

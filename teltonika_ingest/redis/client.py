@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika_ingest.redis.resp import encode_command
+from teltonika_ingest.writenow import write_now
 
 __all__ = [
     "RedisClient",
@@ -438,7 +439,7 @@ class RedisClient(Service):
         conn = pool[self._rr % len(pool)]
         if not conn.connected:
             return defer.fail(RedisUnavailable("connection closing"))
-        conn.transport.write(data)
+        write_now(conn.transport, data)
         # txredisapi's protocol hands replies, in order, to ReplyQueue waiters:
         # one get() per command written. Errors and "connection lost" arrive as
         # values, so skipped replies leave nothing unhandled. Cancelling a get()

@@ -42,6 +42,7 @@ from teltonika_ingest.server.session import (
     Session,
     State,
 )
+from teltonika_ingest.writenow import write_now
 
 log = Logger()
 
@@ -286,7 +287,7 @@ class TeltonikaProtocol(Protocol):
         for action in actions:
             kind = type(action)
             if kind is Send:
-                self.transport.write(action.data)  # type: ignore[union-attr]
+                write_now(self.transport, action.data)  # type: ignore[union-attr]
             elif kind is Publish:
                 self._publish(action.frame)  # type: ignore[union-attr]
             elif kind is KeepAliveSeen:

@@ -32,6 +32,7 @@ from teltonika_ingest.sim.traffic import (
     FrameTemplate,
     UdpTemplate,
 )
+from teltonika_ingest.writenow import write_now
 
 if TYPE_CHECKING:
     from teltonika_ingest.sim.simulation import Simulation
@@ -179,35 +180,6 @@ class BaseDevice:
 
     def close(self) -> None:
         raise NotImplementedError
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, but sent at once when nothing is queued.
-
-    Twisted queues every write until the next reactor turn (an epoll registration, a
-    write event and an unregistration per packet: about a third of the simulator's cost
-    per packet). With an empty queue the bytes go straight to the socket; whatever the
-    socket does not take, and every error, goes the ordinary way.
-    """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is None
-        or transport.dataBuffer
-        or transport._tempDataBuffer
-        or not transport.connected
-        or transport.disconnecting
-    ):
-        transport.write(data)
-        return
-    try:
-        sent = sock.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        transport.write(data)  # let Twisted find and report the error
-        return
-    if sent < len(data):
-        transport.write(data[sent:])
 
 
 class _DeviceProtocol(protocol.Protocol):
