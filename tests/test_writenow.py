@@ -9,6 +9,7 @@ The TLS case end to end: tests/test_tls_proxy.py (a TLS device is ACKed through 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -47,10 +48,8 @@ async def _serve(action: Any, expect: int) -> tuple[dict[str, Any], bytes]:
 
         def readable() -> bool:
             nonlocal received
-            try:
+            with contextlib.suppress(BlockingIOError):
                 received += client.recv(65536)
-            except BlockingIOError:
-                pass
             return len(received) >= expect
 
         await wait_for(readable, timeout=5)
